@@ -1,0 +1,7 @@
+"""Aggregation methods: the interface, the registry and one module per method."""
+
+from pollinate.aggregators.base import AggregationError, Aggregator, ClientPart, ClientUpdate
+from pollinate.aggregators.registry import UnknownAggregator, available, resolve
+
+__all__ = ["AggregationError", "Aggregator", "ClientPart", "ClientUpdate", "UnknownAggregator",
+           "available", "resolve"]

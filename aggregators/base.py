@@ -1,0 +1,173 @@
+"""The aggregation interface: a tiny server half and an optional client half per method.
+
+Like ``torch.optim``, the interface is small so that many methods fit it:
+
+* the server half (:class:`Aggregator`) says what the global state is, gives each
+  sampled client its per-round instructions, and folds decoded client updates into
+  a new global *delta* (``begin`` / ``accumulate`` / ``finalize``: streaming, so
+  memory does not grow with the number of clients where the math allows);
+* the client half (:class:`ClientPart`, found on the client through the same
+  registry name) loads the global state into a model, prepares local training
+  (freezing, selection) and computes the update the client sends.
+
+Both halves of a method live in one module. Nothing here imports Flower, the server
+or the client: aggregators are tensor math over named tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from pollinate.modeling import AdapterModel
+from pollinate.spec import AdapterSpec, Tensors
+
+Instructions = dict[str, bool | int | float | str]
+
+
+class AggregationError(ValueError):
+    """An update cannot be aggregated (wrong names, ranks or shapes for this method)."""
+
+
+@dataclass
+class ClientUpdate:
+    """One client's decoded contribution to a round."""
+
+    node_id: int
+    delta: Tensors
+    num_examples: int
+    rank: int
+    alpha: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    capabilities: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+class ClientPart:
+    """Client half of a method. The default trains every adapter tensor and sends the change."""
+
+    def __init__(self, options: Mapping[str, Any], instructions: Mapping[str, Any]):
+        self.options = dict(options)
+        self.instructions = dict(instructions)
+
+    def load_global(self, model: AdapterModel, state: Tensors) -> None:
+        """Make ``model`` the global model described by ``state``."""
+        model.load_adapter_state({n: t for n, t in state.items() if n in model.adapter_names})
+
+    def prepare(self, model: AdapterModel, batches: Sequence[Mapping[str, torch.Tensor]]) -> None:
+        """Called before local training with a few local batches (for gradient-based choices)."""
+        model.set_trainable(model.adapter_names)
+
+    def update(self, model: AdapterModel, start: Tensors) -> Tensors:
+        """The tensors to send: what changed in the trainable adapter tensors."""
+        trained = model.adapter_state()
+        return {n: trained[n] - start[n] for n in model.adapter_names
+                if model.parameter(n).requires_grad}
+
+    def unpack_downlink(self, wire: Tensors) -> Tensors:
+        """Inverse of :meth:`Aggregator.pack_downlink`: a delta in global-state space."""
+        return wire
+
+    def report(self) -> dict[str, bool | int | float | str]:
+        """Extra metrics/capabilities sent with the update (numbers or strings)."""
+        return {}
+
+    @property
+    def uses_error_feedback(self) -> bool:
+        """Whether the uplink residual of one round is meaningful in the next."""
+        return True
+
+
+class Aggregator:
+    """Server half of a method. Subclasses override the few methods they need.
+
+    The default is plain weighted averaging of deltas over the clients that sent each
+    tensor (a tensor nobody sent stays unchanged); :mod:`fedit` is exactly this.
+    """
+
+    name: ClassVar[str] = ""
+    client_part: ClassVar[type[ClientPart]] = ClientPart
+
+    def __init__(self, **options: Any):
+        self.options = options
+        self._sums: Tensors = {}
+        self._weights: dict[str, float] = {}
+        self.round = 0
+
+    # -- what the global state is ----------------------------------------------------
+
+    def initial_state(self, model: AdapterModel) -> Tensors:
+        """Global state at version 0, rebuilt identically by every client from the seed."""
+        return model.adapter_state()
+
+    def uplink_spec(self, model: AdapterModel) -> AdapterSpec:
+        """What a client may send: adapter tensor names, rank axes free."""
+        return AdapterSpec.of(model.adapter_state(), free_rank=True)
+
+    def downlink_spec(self, model: AdapterModel) -> AdapterSpec:
+        """What the server may send: names and shapes of the global state."""
+        return AdapterSpec.of(self.initial_state(model), free_rank=True)
+
+    # -- per-round client instructions --------------------------------------------------
+
+    def instructions(self, rnd: int, node_ids: Sequence[int]) -> dict[int, Instructions]:
+        """Per-client instructions for this round, sent in the round's config."""
+        return {node: {} for node in node_ids}
+
+    # -- aggregation ----------------------------------------------------------------
+
+    def begin(self, rnd: int, state: Tensors) -> None:
+        """Start a round whose clients trained from global ``state``."""
+        self.round = rnd
+        self.state = state
+        self._sums, self._weights = {}, {}
+
+    def check(self, update: ClientUpdate) -> None:
+        """Raise :class:`AggregationError` if ``update`` cannot be folded in (nothing is changed)."""
+        if update.num_examples <= 0:
+            raise AggregationError(f"client {update.node_id}: num-examples must be > 0")
+        for name, tensor in update.delta.items():
+            if name not in self.state:
+                raise AggregationError(f"client {update.node_id}: unknown tensor {name!r}")
+            if tensor.shape != self.state[name].shape:
+                raise AggregationError(
+                    f"client {update.node_id}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                    f"global is {tuple(self.state[name].shape)} (rank {update.rank}; "
+                    f"use an aggregator for heterogeneous ranks such as flora or hetlora)")
+
+    def accumulate(self, update: ClientUpdate) -> None:
+        """Fold one checked update into running sums."""
+        for name, tensor in update.delta.items():
+            self._fold(name, tensor, float(update.num_examples))
+
+    def finalize(self) -> Tensors:
+        """The global delta of the round: the weighted mean for every tensor someone sent."""
+        return {n: s / self._weights[n] for n, s in self._sums.items()}
+
+    def metrics(self) -> dict[str, float]:
+        """Round-level metrics of the method (reported in metrics.jsonl)."""
+        return {}
+
+    def pack_downlink(self, delta: Tensors, *, latest_round: bool) -> Tensors:
+        """Wire form of a global delta (``latest_round``: it is the last ``finalize`` result).
+
+        The default sends the delta as it is; a method may send something cheaper that
+        its :meth:`ClientPart.unpack_downlink` turns back into state space.
+        """
+        return delta
+
+    # -- helpers for subclasses ---------------------------------------------------------
+
+    def _fold(self, name: str, tensor: torch.Tensor, weight: float) -> None:
+        term = tensor.to(torch.float32) * weight
+        if name in self._sums:
+            self._sums[name] += term
+        else:
+            self._sums[name] = term.clone()
+        self._weights[name] = self._weights.get(name, 0.0) + weight

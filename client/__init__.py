@@ -1,0 +1,1 @@
+"""Client side: the ClientApp, local training and per-node state."""

@@ -1,0 +1,93 @@
+"""The Pollinate ClientApp: apply the downlink delta, train locally, send an encoded update.
+
+Per round: decode the global delta from the version this node holds, rebuild the
+global adapter, let the method's client half prepare the model, train, and send the
+method's update through the codec (with error feedback). Nothing but the codec's
+payload bytes carries adapter tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from pollinate.aggregators import ClientPart, resolve
+from pollinate.codec import CodecError, Delta, DeltaHeader, ErrorFeedback, decode, encode
+from pollinate.deltas import add
+from pollinate.protocol import EMPTY_VERSION, TrainInstruction, TrainReply, uplink_codec
+
+from .session import NodeSettings, data_key, local_data, model_for, model_spec
+from .state import NodeMemory
+from .trainer import train
+
+log = logging.getLogger("pollinate.client")
+app = ClientApp()
+
+
+@app.train()
+def handle_train(msg: Message, context: Context) -> Message:
+    order = TrainInstruction.from_message(msg)
+    reply = run_round(order, context)
+    return Message(reply.to_record(), reply_to=msg)
+
+
+def run_round(order: TrainInstruction, context: Context) -> TrainReply:
+    config = order.config
+    node = NodeSettings.from_node_config(dict(context.node_config), config)
+    memory = NodeMemory.load(context.state)
+    aggregator_cls = resolve(config.aggregator)
+    aggregator = aggregator_cls(**config.aggregator_option_map)
+    part: ClientPart = aggregator_cls.client_part(config.aggregator_option_map, order.instructions)
+    model = model_for(model_spec(config, order.num_labels, node.rank), node.device)
+    try:
+        down = decode(order.payload, aggregator.downlink_spec(model),
+                      max_payload_bytes=config.max_payload_bytes)
+    except CodecError as err:
+        return _refuse("stale", f"downlink rejected: {err}", memory, config)
+    base = down.header.base_version
+    if base != EMPTY_VERSION and base != memory.held_version:
+        return _refuse("stale", f"downlink is from version {base}, node holds "
+                       f"{memory.held_version}", memory, config)
+    held = {} if base == EMPTY_VERSION else memory.held_state
+    memory.held_state = add(held, part.unpack_downlink(down.tensors))
+    memory.held_version = down.header.target_version
+
+    data = local_data(data_key(config), node.data_path, node.partition_id, node.num_partitions)
+    seed = config.seed + 1000 * order.round + (node.partition_id or 0)
+    torch.manual_seed(seed)
+    part.load_global(model, memory.held_state)
+    part.prepare(model, _probe_batches(model, data, config, seed))
+    start = model.adapter_state()
+    result = train(model, data, config, seed)
+    update = part.update(model, start)
+
+    feedback = ErrorFeedback(memory.residual if config.error_feedback else None)
+    if config.error_feedback and part.uses_error_feedback:
+        update = feedback.compensate(update)
+    header = DeltaHeader(run_id=context.run_id, round=order.round,
+                         base_version=memory.held_version, target_version=memory.held_version)
+    payload = encode(Delta(header, update), uplink_codec(config))
+    if config.error_feedback and part.uses_error_feedback:
+        sent = decode(payload, aggregator.uplink_spec(model), max_payload_bytes=config.max_payload_bytes)
+        feedback.update(update, sent.tensors)
+        memory.residual = feedback.residual
+    memory.store(context.state)
+    metrics = {"train-loss": result.loss, "train-seconds": result.seconds, "steps": result.steps,
+               "rank": node.rank, "alpha": config.lora_alpha, "bytes-down": len(order.payload)}
+    return TrainReply("ok", payload, len(data), memory.held_version, metrics, part.report())
+
+
+def _probe_batches(model, data, config, seed: int, count: int = 2) -> list:
+    from pollinate.data import batches
+
+    it = batches(data, config.batch_size, model.tokenizer.pad_token_id, shuffle=True, seed=seed,
+                 device=model.device)
+    return [b for _, b in zip(range(count), it, strict=False)]
+
+
+def _refuse(status: str, reason: str, memory: NodeMemory, config) -> TrainReply:
+    log.warning("not training this round: %s", reason)
+    return TrainReply(status, b"", 0, memory.held_version, {}, {}, reason)

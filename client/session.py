@@ -1,0 +1,81 @@
+"""A client's resident resources: the built model and its tokenized local data.
+
+Building a model and tokenizing data cost seconds; a round of local training on a
+few hundred examples costs about as much. They are built once per process and
+reused across rounds (and across the virtual clients a simulation actor serves),
+keyed by everything that determines them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from pollinate import data as datalib
+from pollinate.config import ConfigError, RunConfig
+from pollinate.modeling import AdapterModel, ModelSpec, build_model, load_tokenizer, pick_device
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """Per-node settings from Flower's node config (``--node-config`` or the simulation)."""
+
+    partition_id: int | None
+    num_partitions: int | None
+    data_path: str
+    rank: int
+    device: str
+
+    @classmethod
+    def from_node_config(cls, node_config: dict[str, Any], config: RunConfig) -> NodeSettings:
+        pid = node_config.get("partition-id")
+        num = node_config.get("num-partitions")
+        data_path = str(node_config.get("data-path", ""))
+        if pid is None and not data_path and not config.train_data:
+            raise ConfigError("node config needs data-path (deployment) or partition-id (simulation)")
+        default_rank = config.rank_for(int(pid)) if pid is not None else config.lora_rank
+        rank = int(node_config.get("lora-rank", default_rank))
+        if rank <= 0:
+            raise ConfigError(f"node config lora-rank must be > 0, got {rank}")
+        return cls(None if pid is None else int(pid), None if num is None else int(num),
+                   data_path, rank, str(node_config.get("device", config.device)))
+
+
+def model_spec(config: RunConfig, num_labels: int, rank: int) -> ModelSpec:
+    return ModelSpec(name=config.model, task=config.task, num_labels=num_labels, rank=rank,
+                     alpha=config.lora_alpha, dropout=config.lora_dropout,
+                     target_modules=tuple(config.target_module_list), seed=config.seed)
+
+
+@lru_cache(maxsize=8)
+def model_for(spec: ModelSpec, device: str) -> AdapterModel:
+    return build_model(spec, pick_device(device))
+
+
+@lru_cache(maxsize=64)
+def local_data(config_json: str, data_path: str, partition_id: int | None,
+               num_partitions: int | None) -> datalib.Encoded:
+    """This node's tokenized training data: its own file, or its simulated partition."""
+    config = RunConfig.from_json(config_json)
+    tokenizer = tokenizer_for(config.model)
+    if data_path:
+        table = datalib.load_table(data_path, config)
+    else:
+        if partition_id is None or num_partitions is None:
+            raise ConfigError("simulated client without partition-id/num-partitions")
+        table = datalib.client_table(config, datalib.train_table(config), partition_id,
+                                     num_partitions)
+    return datalib.encode(table, tokenizer, config.task, config.max_length)
+
+
+tokenizer_for = lru_cache(maxsize=4)(load_tokenizer)
+
+
+def data_key(config: RunConfig) -> str:
+    """The config fields that determine local data (so unrelated changes reuse the cache)."""
+    keep = ("task", "model", "train-data", "text-column", "label-column", "prompt-column",
+            "response-column", "partition", "dirichlet-alpha", "classes-per-client",
+            "max-train-examples", "max-length", "seed", "num-clients")
+    full = config.to_mapping()
+    return RunConfig.from_mapping({k: full[k] for k in keep}).to_json()

@@ -1,0 +1,1 @@
+"""Protobuf schemas of the Pollinate wire format and their generated Python modules."""

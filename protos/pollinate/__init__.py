@@ -1,0 +1,1 @@
+"""Protobuf package ``pollinate`` (mirrors the proto package name)."""

@@ -1,0 +1,1 @@
+"""Server side: the ServerApp, its round loop, versions, checkpoints, metrics and plots."""

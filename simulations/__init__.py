@@ -1,0 +1,1 @@
+"""Simulated federations on one machine: the launcher, scenarios and benchmark harness."""

@@ -1,0 +1,40 @@
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from pollinate.config import ConfigError, RunConfig
+
+
+def test_pyproject_run_config_defaults_match_runconfig():
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    app_config = pyproject["tool"]["flwr"]["app"]["config"]
+    config = RunConfig.from_mapping(app_config, allow_extra=False)
+    assert config.to_mapping() == RunConfig().to_mapping()
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("lora-rank", 0, "lora-rank must be > 0"),
+    ("lora-rank", -3, "lora-rank must be > 0"),
+    ("density", 1.5, "density must be in (0, 1]"),
+    ("partition", "zipf", "partition must be one of"),
+    ("batch-size", "many", "batch-size must be of type int"),
+    ("error-feedback", "maybe", "error-feedback must be a boolean"),
+    ("rank-profile", "8,0", "rank-profile ranks must all be > 0"),
+    ("aggregator-options", "novalue", "expected key=value"),
+])
+def test_bad_values_name_the_option(key, value, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace("]", r"\]")):
+        RunConfig.from_mapping({key: value})
+
+
+def test_unknown_option_rejected_when_strict():
+    with pytest.raises(ConfigError, match="unknown option 'lora-rnak'"):
+        RunConfig.from_mapping({"lora-rnak": 4}, allow_extra=False)
+
+
+def test_json_round_trip_and_rank_profile():
+    config = RunConfig.from_mapping({"rank-profile": "64,32,16", "dp": True})
+    again = RunConfig.from_json(config.to_json())
+    assert again == config and again.extra == {"dp": True}
+    assert [config.rank_for(i) for i in range(4)] == [64, 32, 16, 64]
