@@ -18,11 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from pollinate.modeling import AdapterModel
+from pollinate.data import Encoded
+from pollinate.modeling import AdapterModel, ModelSpec, build_model
 from pollinate.spec import AdapterSpec, Tensors
 
 Instructions = dict[str, bool | int | float | str]
@@ -52,16 +54,23 @@ class ClientUpdate:
 class ClientPart:
     """Client half of a method. The default trains every adapter tensor and sends the change."""
 
-    def __init__(self, options: Mapping[str, Any], instructions: Mapping[str, Any]):
+    def __init__(self, options: Mapping[str, Any], instructions: Mapping[str, Any],
+                 node: Mapping[str, Any] | None = None):
         self.options = dict(options)
         self.instructions = dict(instructions)
+        self.node = dict(node or {})  # this node's Flower node config (budgets, rank, device)
 
     def load_global(self, model: AdapterModel, state: Tensors) -> None:
         """Make ``model`` the global model described by ``state``."""
         model.load_adapter_state({n: t for n, t in state.items() if n in model.adapter_names})
 
-    def prepare(self, model: AdapterModel, batches: Sequence[Mapping[str, torch.Tensor]]) -> None:
-        """Called before local training with a few local batches (for gradient-based choices)."""
+    def prepare(self, model: AdapterModel, data: Encoded,
+                probe: Sequence[Mapping[str, torch.Tensor]]) -> None:
+        """Called before local training with the local data and a few of its batches.
+
+        ``probe`` serves gradient-based choices (selective layers); ``data`` serves
+        methods that look at every local example (expert routing scores them all).
+        """
         model.set_trainable(model.adapter_names)
 
     def update(self, model: AdapterModel, start: Tensors) -> Tensors:
@@ -100,7 +109,12 @@ class Aggregator:
         self._weights: dict[str, float] = {}
         self.round = 0
 
-    # -- what the global state is ----------------------------------------------------
+    # -- what the model and the global state are -------------------------------------
+
+    @classmethod
+    def build_model(cls, spec: ModelSpec, device: torch.device | str) -> AdapterModel:
+        """The model both halves work on; methods with extra structure (experts, gates) override."""
+        return build_model(spec, device)
 
     def initial_state(self, model: AdapterModel) -> Tensors:
         """Global state at version 0, rebuilt identically by every client from the seed."""
@@ -153,6 +167,10 @@ class Aggregator:
     def metrics(self) -> dict[str, float]:
         """Round-level metrics of the method (reported in metrics.jsonl)."""
         return {}
+
+    def plots(self, rounds: list[dict[str, Any]], directory: Path) -> list[Path]:
+        """Method-specific PNGs written into the run directory at the end (``rounds`` = metrics)."""
+        return []
 
     def pack_downlink(self, delta: Tensors, *, latest_round: bool) -> Tensors:
         """Wire form of a global delta (``latest_round``: it is the last ``finalize`` result).

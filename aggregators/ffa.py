@@ -24,6 +24,7 @@ import torch
 
 from pollinate.aggregators.base import AggregationError, Aggregator, ClientPart, ClientUpdate
 from pollinate.aggregators.lora_math import check_update, factor_shapes, head_shapes, split_factor
+from pollinate.data import Encoded
 from pollinate.modeling import AdapterModel
 from pollinate.spec import AdapterSpec, Tensors
 
@@ -36,7 +37,8 @@ def _is_a(name: str) -> bool:
 class FFAClient(ClientPart):
     """Trains B and the head on top of the shared, frozen A."""
 
-    def prepare(self, model: AdapterModel, batches: Sequence[Mapping[str, torch.Tensor]]) -> None:
+    def prepare(self, model: AdapterModel, data: Encoded,
+                probe: Sequence[Mapping[str, torch.Tensor]]) -> None:
         model.set_trainable({n for n in model.adapter_names if not _is_a(n)})
 
     def update(self, model: AdapterModel, start: Tensors) -> Tensors:

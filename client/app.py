@@ -39,9 +39,10 @@ def run_round(order: TrainInstruction, context: Context) -> TrainReply:
     node = NodeSettings.from_node_config(dict(context.node_config), config)
     memory = NodeMemory.load(context.state)
     aggregator_cls = resolve(config.aggregator)
-    aggregator = aggregator_cls(**config.aggregator_option_map)
-    part: ClientPart = aggregator_cls.client_part(config.aggregator_option_map, order.instructions)
-    model = model_for(model_spec(config, order.num_labels, node.rank), node.device)
+    options = config.aggregator_option_map
+    aggregator = aggregator_cls(**options)
+    part: ClientPart = aggregator_cls.client_part(options, order.instructions, context.node_config)
+    model = model_for(aggregator_cls, model_spec(config, order.num_labels, node.rank), node.device)
     try:
         down = decode(order.payload, aggregator.downlink_spec(model),
                       max_payload_bytes=config.max_payload_bytes)
@@ -59,7 +60,7 @@ def run_round(order: TrainInstruction, context: Context) -> TrainReply:
     seed = config.seed + 1000 * order.round + (node.partition_id or 0)
     torch.manual_seed(seed)
     part.load_global(model, memory.held_state)
-    part.prepare(model, _probe_batches(model, data, config, seed))
+    part.prepare(model, data, _probe_batches(model, data, config, seed))
     start = model.adapter_state()
     result = train(model, data, config, seed)
     update = part.update(model, start)

@@ -14,7 +14,8 @@ from typing import Any
 
 from pollinate import data as datalib
 from pollinate.config import ConfigError, RunConfig
-from pollinate.modeling import AdapterModel, ModelSpec, build_model, load_tokenizer, pick_device
+from pollinate.aggregators import Aggregator
+from pollinate.modeling import AdapterModel, ModelSpec, load_tokenizer, pick_device
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,9 @@ def model_spec(config: RunConfig, num_labels: int, rank: int) -> ModelSpec:
 
 
 @lru_cache(maxsize=8)
-def model_for(spec: ModelSpec, device: str) -> AdapterModel:
-    return build_model(spec, pick_device(device))
+def model_for(aggregator_cls: type[Aggregator], spec: ModelSpec, device: str) -> AdapterModel:
+    """The model the run's method works on, built once per (method, spec, device)."""
+    return aggregator_cls.build_model(spec, pick_device(device))
 
 
 @lru_cache(maxsize=64)

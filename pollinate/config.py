@@ -133,8 +133,11 @@ class RunConfig:
 
     @property
     def aggregator_option_map(self) -> dict[str, Any]:
-        """``aggregator-options`` is ``key=value,key=value`` (values parsed as JSON if they can be)."""
-        return parse_options(self.aggregator_options, "aggregator-options")
+        """``aggregator-options`` (``key=value,...``, values parsed as JSON where they can be).
+
+        ``seed`` defaults to the run seed so methods that draw random inits agree on it.
+        """
+        return {"seed": self.seed, **parse_options(self.aggregator_options, "aggregator-options")}
 
     def rank_for(self, partition_id: int) -> int:
         """The LoRA rank of a simulated client: its entry of ``rank-profile`` (cycled), else ``lora-rank``."""

@@ -59,7 +59,7 @@ class TrainInstruction:
 class TrainReply:
     """Client -> server: the encoded update plus example count, metrics and a status."""
 
-    status: str  # "ok", "stale" (cannot apply the downlink) or "refused" (e.g. privacy budget spent)
+    status: str  # "ok", "stale" (cannot apply the downlink) or "exhausted" (privacy budget spent)
     payload: bytes
     num_examples: int
     held_version: int

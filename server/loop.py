@@ -25,7 +25,7 @@ from pollinate.codec import CodecError, ErrorFeedback, decode
 from pollinate.config import ConfigError, RunConfig
 from pollinate.deltas import add
 from pollinate.evaluation import evaluate
-from pollinate.modeling import ModelSpec, build_model, pick_device
+from pollinate.modeling import ModelSpec, pick_device
 from pollinate.protocol import (
     EMPTY_VERSION,
     ProtocolError,
@@ -70,16 +70,19 @@ class Coordinator:
         spec = ModelSpec(name=config.model, task=config.task, num_labels=self.num_labels,
                          rank=rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
                          target_modules=tuple(config.target_module_list), seed=config.seed)
-        self.model = build_model(spec, pick_device(config.device))
+        aggregator_cls = resolve(config.aggregator)
+        self.model = aggregator_cls.build_model(spec, pick_device(config.device))
         self.test_data = datalib.encode(self.test_table, self.model.tokenizer, config.task,
                                         config.max_length)
-        self.aggregator: Aggregator = resolve(config.aggregator)(**config.aggregator_option_map)
-        self.part = type(self.aggregator).client_part(config.aggregator_option_map, {})
+        self.aggregator: Aggregator = aggregator_cls(**config.aggregator_option_map)
+        self.part = aggregator_cls.client_part(config.aggregator_option_map, {})
+        self.initial_state = self.aggregator.initial_state(self.model)
         self.uplink_spec = self.aggregator.uplink_spec(self.model)
         self.downlink_spec = self.aggregator.downlink_spec(self.model)
         self.feedback = ErrorFeedback()
         self.versions = VersionStore(config.keep_versions + 1, run_id)
         self.node_versions: dict[int, int] = {}
+        self.exhausted: set[int] = set()  # nodes that refused to train again (privacy budget spent)
         self.rounds: list[dict[str, Any]] = []
         self.start_round = self._restore_or_start()
 
@@ -102,8 +105,7 @@ class Coordinator:
         ckpt = self.out.load_checkpoint() if self.config.resume else None
         if ckpt is None:
             self.out.metrics_file.unlink(missing_ok=True)
-            state = self.aggregator.initial_state(self.model)
-            self.versions.push(FIRST_VERSION, state)
+            self.versions.push(FIRST_VERSION, self.initial_state)
             self.rounds = [self._evaluate(0, {"bytes_up": 0, "bytes_down": 0, "clients": 0})]
             self.out.append_metrics(self.rounds[0])
             return 1
@@ -111,6 +113,7 @@ class Coordinator:
         for version in sorted(ckpt.states):
             self.versions.push(version, ckpt.states[version], ckpt.increments.get(version))
         self.node_versions = dict(ckpt.node_versions)
+        self.exhausted = set(ckpt.extra.get("exhausted", []))
         self.feedback = ErrorFeedback(ckpt.residual)
         self.out.truncate_metrics(ckpt.round)
         self.rounds = [r for r in self.out.read_metrics()]
@@ -170,7 +173,7 @@ class Coordinator:
         deadline = time.monotonic() + self.config.round_timeout
         need = max(self.config.min_train_nodes, 1)
         while True:
-            nodes = sorted(self.grid.get_node_ids())
+            nodes = sorted(set(self.grid.get_node_ids()) - self.exhausted)
             if len(nodes) >= need:
                 break
             if time.monotonic() > deadline:
@@ -209,6 +212,8 @@ class Coordinator:
                  "downlink": kind, "status": answer.status, "num_examples": answer.num_examples,
                  "used": False, **answer.metrics, **answer.report}
         round_log.clients.append(entry)
+        if answer.status == "exhausted":
+            self.exhausted.add(node)
         if answer.status != "ok":
             round_log.drop(node, f"client {answer.status}: {answer.reason}")
             return
@@ -251,7 +256,7 @@ class Coordinator:
         self.out.save_checkpoint(Checkpoint(
             round=rnd, config=self.config.to_mapping(), states=dict(self.versions.states),
             increments=dict(self.versions.increments), node_versions=self.node_versions,
-            residual=self.feedback.residual))
+            residual=self.feedback.residual, extra={"exhausted": sorted(self.exhausted)}))
 
     # -- results -------------------------------------------------------------------
 
@@ -260,7 +265,8 @@ class Coordinator:
                 "seconds", "train_loss", "dropped")
         rounds = [{k: r[k] for k in keep if k in r} for r in self.rounds]
         return {"config": self.config.to_mapping(), "num_labels": self.num_labels,
-                "rounds": rounds, "final": rounds[-1] if rounds else {}}
+                "rounds": rounds, "final": rounds[-1] if rounds else {},
+                "exhausted_clients": sorted(self.exhausted)}
 
     def finish(self) -> dict[str, Any]:
         from .plots import plot_rounds
@@ -268,7 +274,9 @@ class Coordinator:
         self.part.load_global(self.model, self.versions.state)
         self.model.export(self.out.path / "adapter", self.model.adapter_state())
         summary = self.summary()
-        summary["plots"] = [p.name for p in plot_rounds(summary["rounds"], self.out.path)]
+        pngs = plot_rounds(summary["rounds"], self.out.path)
+        pngs += self.aggregator.plots(self.rounds, self.out.path)
+        summary["plots"] = [p.name for p in pngs]
         self.out.write_summary(summary)
         return summary
 

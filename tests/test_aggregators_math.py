@@ -373,7 +373,7 @@ def test_client_parts_on_a_real_model(model):
     other = FLoRA.client_part(flora.options, flora.instructions(2, [8])[8])
     other.load_global(model, state)
     assert not torch.equal(model.adapter_state()[a_n], first[a_n])
-    part.prepare(model, [])
+    part.prepare(model, None, [])
     start = model.adapter_state()
     sent = part.update(model, start)
     assert torch.equal(sent[a_n], start[a_n]) and not sent["classifier.weight"].any()
@@ -408,7 +408,7 @@ def test_client_parts_on_a_real_model(model):
 
     # FFA: A frozen in prepare, update omits A
     ffa_part = FFA.client_part({}, {})
-    ffa_part.prepare(model, [])
+    ffa_part.prepare(model, None, [])
     assert not model.parameter(a_n).requires_grad and model.parameter(b_n).requires_grad
     sent = ffa_part.update(model, model.adapter_state())
     assert sent and not any(".lora_A" in n for n in sent)
@@ -439,7 +439,7 @@ def test_one_client_round_trip_keeps_the_trained_function(model):
             sent = part.unpack_downlink(wire)
             held = {n: held.get(n, 0) + sent.get(n, 0) for n in set(held) | set(sent)}
             part.load_global(model, held)
-            part.prepare(model, [])
+            part.prepare(model, None, [])
             start = model.adapter_state()
             with torch.no_grad():  # stands in for local training
                 for n in model.adapter_names:
