@@ -13,8 +13,8 @@ from functools import lru_cache
 from typing import Any
 
 from pollinate import data as datalib
-from pollinate.config import ConfigError, RunConfig
 from pollinate.aggregators import Aggregator
+from pollinate.config import ConfigError, RunConfig
 from pollinate.modeling import AdapterModel, ModelSpec, load_tokenizer, pick_device
 
 
