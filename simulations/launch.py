@@ -17,8 +17,11 @@ from pollinate.config import RunConfig
 
 
 def simulate(config: RunConfig, num_cpus: int | None = None, num_gpus: float = 0.0,
-             verbose: bool = False) -> dict[str, Any]:
-    """Run ``config`` with ``num-clients`` virtual SuperNodes; return the run's summary."""
+             verbose: bool = False, faults: dict[int, str] | None = None) -> dict[str, Any]:
+    """Run ``config`` with ``num-clients`` virtual SuperNodes; return the run's summary.
+
+    ``faults`` maps partition ids to a misbehaviour (see :mod:`.faults`).
+    """
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     from flwr.simulation import run_simulation
@@ -26,6 +29,10 @@ def simulate(config: RunConfig, num_cpus: int | None = None, num_gpus: float = 0
     from pollinate.client.app import app as client_app
     from pollinate.server.app import make_app
 
+    from .faults import faulty_client_app
+
+    if faults:
+        client_app = faulty_client_app(faults)
     cores = os.cpu_count() or 1
     num_cpus = min(num_cpus or cores, cores)
     backend = {

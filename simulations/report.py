@@ -24,7 +24,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DOCS = ROOT / "docs" / "benchmarks.md"
-HEADER = "# Benchmarks\n\nEvery table is generated from `benchmarks/results/*.json` by the script named in it.\n"
+HEADER = ("# Benchmarks\n\nEvery table is generated from `benchmarks/results/*.json` "
+          "by the script named in it.\n")
 
 
 def machine() -> str:
