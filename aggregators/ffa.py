@@ -23,7 +23,13 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from pollinate.aggregators.base import AggregationError, Aggregator, ClientPart, ClientUpdate
-from pollinate.aggregators.lora_math import check_update, factor_shapes, head_shapes, split_factor
+from pollinate.aggregators.lora_math import (
+    check_same_rank,
+    check_update,
+    factor_shapes,
+    head_shapes,
+    split_factor,
+)
 from pollinate.data import Encoded
 from pollinate.modeling import AdapterModel
 from pollinate.spec import AdapterSpec, Tensors
@@ -36,6 +42,10 @@ def _is_a(name: str) -> bool:
 
 class FFAClient(ClientPart):
     """Trains B and the head on top of the shared, frozen A."""
+
+    def load_global(self, model: AdapterModel, state: Tensors) -> None:
+        check_same_rank(model, state, "ffa")
+        super().load_global(model, state)
 
     def prepare(self, model: AdapterModel, data: Encoded,
                 probe: Sequence[Mapping[str, torch.Tensor]]) -> None:

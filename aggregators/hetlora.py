@@ -23,6 +23,10 @@ round does, the layer falls back to example weights ``n_k``. Head tensors use ex
 weights. Rows/columns above a client's rank receive zeros from it (they are diluted,
 as with zero-padding in the paper). Returned deltas are in the padded (rank-R) space;
 each client truncates again when loading. Downlink: the delta as it is.
+
+Option ``weighting`` (``aggregator-options``): ``norm`` (default, the rule above) or
+``examples`` (``w_{k,l} = n_k``): plain zero-padding FedAvg of the factors, which is how
+the FLoRA paper runs FedIT with heterogeneous ranks.
 """
 
 from __future__ import annotations
@@ -45,8 +49,11 @@ from pollinate.aggregators.lora_math import (
     product_change_norm,
     truncate_rank,
 )
+from pollinate.config import ConfigError
 from pollinate.modeling import AdapterModel
 from pollinate.spec import AdapterSpec, Tensors
+
+WEIGHTINGS = ("norm", "examples")
 
 
 def client_factors(state: Mapping[str, torch.Tensor], layer: str, rank: int,
@@ -83,6 +90,10 @@ class HetLoRA(Aggregator):
 
     def __init__(self, **options: Any):
         super().__init__(**options)
+        self.weighting = str(options.get("weighting", "norm"))
+        if self.weighting not in WEIGHTINGS:
+            raise ConfigError(f"aggregator-options: hetlora weighting must be one of {WEIGHTINGS}, "
+                              f"got {self.weighting!r}")
         self.global_scaling: float | None = None
         self._by_examples: Tensors = {}
         self._example_weights: dict[str, float] = {}
@@ -126,7 +137,8 @@ class HetLoRA(Aggregator):
             d_a = f["A"].to(torch.float32) if "A" in f else torch.zeros_like(a0)
             d_b = f["B"].to(torch.float32) * to_global if "B" in f else torch.zeros_like(b0)
             # s_k ||B_k' A_k' - B_k A_k|| computed in global units: s_g = s_k / to_global
-            norm = (scaling / to_global) * product_change_norm(b0, a0, b0 + d_b, a0 + d_a)
+            norm = ((scaling / to_global) * product_change_norm(b0, a0, b0 + d_b, a0 + d_a)
+                    if self.weighting == "norm" else 1.0)
             for kind, change in (("A", d_a), ("B", d_b)):
                 if kind in f:
                     name = a_name(layer) if kind == "A" else b_name(layer)

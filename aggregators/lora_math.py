@@ -266,6 +266,24 @@ def reinit_lora(model: AdapterModel, seed: int, layers: Iterable[str] | None = N
                 module.reset_lora_parameters(adapter, init)
 
 
+def check_same_rank(model: AdapterModel, state: Mapping[str, torch.Tensor], method: str) -> None:
+    """Raise :class:`AggregationError` unless ``model``'s LoRA rank is the global state's.
+
+    Client halves of one-rank methods (fedit, ffa) call it before loading, so a client
+    configured with another rank refuses with a message naming both ranks instead of
+    failing on a tensor shape deep inside the model.
+    """
+    for layer in model.lora_layers():
+        if a_name(layer) not in state:
+            continue
+        mine, wanted = model.parameter(a_name(layer)).shape[0], state[a_name(layer)].shape[0]
+        if mine != wanted:
+            raise AggregationError(
+                f"{method}: this client's LoRA rank is {mine}, the global adapter's rank is {wanted}; "
+                f"{method} needs one rank for all clients (node config lora-rank, run config "
+                "rank-profile): use flora, hetlora or flexlora for mixed ranks")
+
+
 def head_state(model: AdapterModel, state: Mapping[str, torch.Tensor]) -> Tensors:
     """The head tensors of ``state`` that ``model`` has."""
     return {n: state[n] for n in model.head_names() if n in state}

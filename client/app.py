@@ -8,6 +8,7 @@ payload bytes carries adapter tensors.
 
 from __future__ import annotations
 
+import json
 import logging
 
 import torch
@@ -16,10 +17,11 @@ from flwr.clientapp import ClientApp
 
 from pollinate.aggregators import ClientPart, resolve
 from pollinate.codec import CodecError, Delta, DeltaHeader, ErrorFeedback, decode, encode
-from pollinate.deltas import add
+from pollinate.deltas import add, digest
 from pollinate.protocol import EMPTY_VERSION, TrainInstruction, TrainReply, uplink_codec
 
-from .session import NodeSettings, data_key, local_data, model_for, model_spec
+from .privacy import ClientPrivacy
+from .session import NodeSettings, data_key, local_data, model_for, model_spec, seeded_initial
 from .state import NodeMemory
 from .trainer import train
 
@@ -43,6 +45,7 @@ def run_round(order: TrainInstruction, context: Context) -> TrainReply:
     aggregator = aggregator_cls(**options)
     part: ClientPart = aggregator_cls.client_part(options, order.instructions, context.node_config)
     model = model_for(aggregator_cls, model_spec(config, order.num_labels, node.rank), node.device)
+    seeded_initial(aggregator_cls, json.dumps(options, sort_keys=True), model.spec, node.device)
     try:
         down = decode(order.payload, aggregator.downlink_spec(model),
                       max_payload_bytes=config.max_payload_bytes)
@@ -50,20 +53,27 @@ def run_round(order: TrainInstruction, context: Context) -> TrainReply:
         return _refuse("stale", f"downlink rejected: {err}", memory, config)
     base = down.header.base_version
     if base != EMPTY_VERSION and base != memory.held_version:
-        return _refuse("stale", f"downlink is from version {base}, node holds "
-                       f"{memory.held_version}", memory, config)
+        seeded = seeded_initial(aggregator_cls, json.dumps(options, sort_keys=True), model.spec,
+                                node.device)
+        if memory.held_version != EMPTY_VERSION or digest(seeded) != down.header.base_digest:
+            return _refuse("stale", f"downlink is from version {base}, node holds "
+                           f"{memory.held_version or 'nothing it can rebuild it from'}", memory, config)
+        memory.held_state, memory.held_version = seeded, base
     held = {} if base == EMPTY_VERSION else memory.held_state
     memory.held_state = add(held, part.unpack_downlink(down.tensors))
     memory.held_version = down.header.target_version
 
     data = local_data(data_key(config), node.data_path, node.partition_id, node.num_partitions)
+    privacy = ClientPrivacy(config, memory, len(data))
+    if privacy.exhausted:
+        return _refuse("exhausted", privacy.exhausted, memory, config)
     seed = config.seed + 1000 * order.round + (node.partition_id or 0)
     torch.manual_seed(seed)
     part.load_global(model, memory.held_state)
     part.prepare(model, data, _probe_batches(model, data, config, seed))
     start = model.adapter_state()
-    result = train(model, data, config, seed)
-    update = part.update(model, start)
+    result = privacy.train(model, data) if config.dp == "sample" else train(model, data, config, seed)
+    update = privacy.privatize(part.update(model, start))  # clip + noise before error feedback/codec
 
     feedback = ErrorFeedback(memory.residual if config.error_feedback else None)
     if config.error_feedback and part.uses_error_feedback:
@@ -77,7 +87,8 @@ def run_round(order: TrainInstruction, context: Context) -> TrainReply:
         memory.residual = feedback.residual
     memory.store(context.state)
     metrics = {"train-loss": result.loss, "train-seconds": result.seconds, "steps": result.steps,
-               "rank": node.rank, "alpha": config.lora_alpha, "bytes-down": len(order.payload)}
+               "rank": node.rank, "alpha": config.lora_alpha, "bytes-down": len(order.payload),
+               **privacy.metrics()}
     return TrainReply("ok", payload, len(data), memory.held_version, metrics, part.report())
 
 

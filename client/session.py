@@ -8,14 +8,18 @@ keyed by everything that determines them.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
+
+from datasets import Dataset
 
 from pollinate import data as datalib
 from pollinate.aggregators import Aggregator
 from pollinate.config import ConfigError, RunConfig
 from pollinate.modeling import AdapterModel, ModelSpec, load_tokenizer, pick_device
+from pollinate.spec import Tensors
 
 
 @dataclass(frozen=True)
@@ -66,9 +70,15 @@ def local_data(config_json: str, data_path: str, partition_id: int | None,
     else:
         if partition_id is None or num_partitions is None:
             raise ConfigError("simulated client without partition-id/num-partitions")
-        table = datalib.client_table(config, datalib.train_table(config), partition_id,
+        table = datalib.client_table(config, shared_table(config_json), partition_id,
                                      num_partitions)
     return datalib.encode(table, tokenizer, config.task, config.max_length)
+
+
+@lru_cache(maxsize=2)
+def shared_table(config_json: str) -> Dataset:
+    """The table simulated clients partition, read once per process, not once per virtual client."""
+    return datalib.train_table(RunConfig.from_json(config_json))
 
 
 tokenizer_for = lru_cache(maxsize=4)(load_tokenizer)
@@ -81,3 +91,15 @@ def data_key(config: RunConfig) -> str:
             "max-train-examples", "max-length", "seed", "num-clients")
     full = config.to_mapping()
     return RunConfig.from_mapping({k: full[k] for k in keep}).to_json()
+
+
+@lru_cache(maxsize=8)
+def seeded_initial(aggregator_cls: type[Aggregator], options_json: str, spec: ModelSpec,
+                   device: str) -> Tensors:
+    """The method's version-1 global state as this node builds it from the run seed.
+
+    Computed on the first call, before the cached model is ever trained, so a new node
+    can start from it instead of downloading it (the server's digest confirms it).
+    """
+    aggregator = aggregator_cls(**json.loads(options_json))
+    return aggregator.initial_state(model_for(aggregator_cls, spec, device))

@@ -56,7 +56,7 @@ def train(model: AdapterModel, data: Encoded, config: RunConfig, seed: int,
     epoch = 0
     while step < total_steps:
         for batch in batches(data, config.batch_size, model.tokenizer.pad_token_id, shuffle=True,
-                             seed=seed + epoch, device=model.device):
+                             seed=seed + epoch, device=model.device, bucket=True):
             with torch.autocast(model.device.type, dtype=dtype or torch.float32,
                                 enabled=dtype is not None):
                 loss = net(**batch).loss

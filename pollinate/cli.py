@@ -6,12 +6,14 @@ The one module allowed to import from every part of the package.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from pollinate.config import ConfigError, RunConfig, parse_options
+from pollinate import deploy
+from pollinate.config import ConfigError, RunConfig, parse_assignment
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Pollinate: federated fine-tuning of adapters on Flower.")
@@ -45,9 +47,9 @@ def simulate(
         "aggregator": aggregator, "model": model, "train-data": train_data,
         "test-data": test_data, "seed": seed, "out": str(out), "resume": False,
     }
-    for item in option:
-        values.update(parse_options(item, "--set"))
     try:
+        for item in option:
+            values.update(parse_assignment(item, "--set"))
         config = RunConfig.from_mapping(values, allow_extra=False)
         _preflight(config)
     except ConfigError as err:
@@ -82,6 +84,200 @@ def _print_summary(summary: dict, out: Path) -> None:
                       f"{r['bytes_down']:,}")
     console.print(table)
     console.print(f"adapter: {out / 'adapter'}   plots: {', '.join(summary.get('plots', []))}")
+
+
+# -- deploy: Flower's deployment engine (docs/deployment.md) ---------------------------
+
+deploy_app = typer.Typer(no_args_is_help=True,
+                         help="Run Pollinate on Flower's deployment engine: certificates, SuperLink, "
+                              "SuperNodes, runs. Every command prints the Flower command it runs.")
+app.add_typer(deploy_app, name="deploy")
+
+
+@deploy_app.command("certs")
+def deploy_certs(
+    out: Path = typer.Argument(Path("certificates"), help="directory for the CA, server cert and node keys"),
+    host: list[str] = typer.Option([], "--host", help="a name or IP the SuperLink is reached by (repeat)"),
+    node: list[str] = typer.Option([], "--node", help="a SuperNode to make a key pair for (repeat)"),
+) -> None:
+    """Create a CA, the SuperLink's TLS certificate and SuperNode authentication keys."""
+    from pollinate.certs import CertificateError, generate
+
+    try:
+        bundle = generate(out, host, node)
+    except CertificateError as err:
+        _fail(err)
+    table = Table(title=f"Pollinate deployment keys - {out}")
+    table.add_column("file")
+    table.add_column("goes to")
+    table.add_row(str(bundle.ca_cert), "SuperLink, every SuperNode, flwr CLI, App executors")
+    table.add_row(f"{bundle.server_cert}, {bundle.server_key}", "SuperLink only")
+    for key in bundle.nodes:
+        table.add_row(str(key.private_key), f"SuperNode {key.name} only")
+        table.add_row(str(key.public_key), "`pollinate deploy register` (flwr supernode register)")
+    console.print(table)
+
+
+@deploy_app.command("superlink")
+def deploy_superlink(
+    certs: Path = typer.Option(Path("certificates"), help="directory written by `pollinate deploy certs`"),
+    insecure: bool = typer.Option(False, help="no TLS (trusted networks only; implies --no-node-auth)"),
+    node_auth: bool = typer.Option(True, help="admit only SuperNodes registered with `deploy register`"),
+    host: str = typer.Option("0.0.0.0", help="interface of the Control and Runtime HTTP API"),
+    port: int = typer.Option(deploy.HTTP_PORT, help="port of the Control and Runtime HTTP API"),
+    fleet: str = typer.Option(f"0.0.0.0:{deploy.FLEET_PORT}", help="Fleet API (gRPC) address for SuperNodes"),
+    database: Path = typer.Option(Path("state.db"), help="SQLite state: keys and runs survive restarts"),
+    dry_run: bool = typer.Option(False, help="print the command instead of running it"),
+) -> None:
+    """Start the SuperLink (Fleet API for SuperNodes, HTTP API for flwr and the ServerApp)."""
+    try:
+        tls = None if insecure else deploy.TLSFiles.from_dir(certs)
+        cmd = deploy.superlink_command(tls, node_auth=node_auth and not insecure, host=host, port=port,
+                                       fleet_address=fleet, database=database)
+    except deploy.DeployError as err:
+        _fail(err)
+    _launch(cmd, dry_run, replace=True)
+
+
+@deploy_app.command("supernode")
+def deploy_supernode(
+    superlink: str = typer.Option(..., help=f"the SuperLink's Fleet API, host:{deploy.FLEET_PORT}"),
+    certs: Path = typer.Option(Path("certificates"), help="directory holding ca.crt (and nodes/NAME keys)"),
+    name: str = typer.Option("", help="use the key pair certs/nodes/NAME (node authentication)"),
+    insecure: bool = typer.Option(False, help="connect without TLS"),
+    data_path: str = typer.Option("", help="this node's training data (CSV, JSONL or saved dataset)"),
+    lora_rank: int = typer.Option(0, help="LoRA rank on this node (0 = the run's lora-rank)"),
+    device: str = typer.Option("", help="cpu, cuda, cuda:1, mps (empty = the run's device)"),
+    port: int = typer.Option(deploy.SUPERNODE_PORT, help="this node's Runtime API port (one per SuperNode)"),
+    dry_run: bool = typer.Option(False, help="print the command instead of running it"),
+) -> None:
+    """Start a SuperNode on an edge machine, with its own data, rank and device."""
+    settings = deploy.NodeConfig(data_path=data_path, lora_rank=lora_rank or None, device=device)
+    key = certs / "nodes" / name if name else None
+    try:
+        if key is not None and not key.exists():
+            raise deploy.DeployError(f"no key {key}; create it with `pollinate deploy certs --node {name}`")
+        ca = None if insecure else deploy.TLSFiles.from_dir(certs).ca_cert
+        cmd = deploy.supernode_command(superlink, settings, ca_cert=ca, auth_key=key, port=port)
+    except deploy.DeployError as err:
+        _fail(err)
+    _launch(cmd, dry_run, replace=True)
+
+
+@deploy_app.command("register")
+def deploy_register(
+    public_keys: list[Path] = typer.Argument(..., help="nodes/NAME.pub files to admit"),
+    connection: str = typer.Option("pollinate", help="SuperLink connection (`pollinate deploy connect`)"),
+    dry_run: bool = typer.Option(False, help="print the commands instead of running them"),
+) -> None:
+    """Register SuperNode public keys with the SuperLink (flwr supernode register)."""
+    for key in public_keys:
+        _launch(deploy.register_command(key, connection), dry_run)
+
+
+@deploy_app.command("connect")
+def deploy_connect(
+    name: str = typer.Argument("pollinate", help="connection name for flwr and the commands below"),
+    address: str = typer.Option(..., help=f"the SuperLink's Control API, host:{deploy.HTTP_PORT}"),
+    ca: Path = typer.Option(None, help="CA certificate that signed the SuperLink's (omit with --insecure)"),
+    insecure: bool = typer.Option(False, help="connect without TLS"),
+    default: bool = typer.Option(True, help="make it the default connection"),
+) -> None:
+    """Write a SuperLink connection to $FLWR_HOME/config.toml (what flwr reads)."""
+    try:
+        if (ca is None) != insecure:
+            raise deploy.DeployError("give exactly one of --ca and --insecure")
+        path = deploy.write_connection(deploy.flwr_home(), name, address, ca, default=default)
+    except deploy.DeployError as err:
+        _fail(err)
+    console.print(f"connection {name!r} -> {address} written to {path}")
+
+
+@deploy_app.command("run")
+def deploy_run(
+    app_dir: Path = typer.Argument(Path("."), help="the app directory (with pyproject.toml)"),
+    connection: str = typer.Option("pollinate", help="SuperLink connection (`pollinate deploy connect`)"),
+    option: list[str] = typer.Option([], "--set", help="run-config option key=value (repeat)"),
+    stream: bool = typer.Option(False, help="follow the run's log"),
+    dry_run: bool = typer.Option(False, help="print the command instead of running it"),
+) -> None:
+    """Start a run on a SuperLink (flwr run)."""
+    values: dict[str, object] = {}
+    try:
+        for item in option:
+            values.update(parse_assignment(item, "--set"))
+        RunConfig.from_mapping(values, allow_extra=False)
+        cmd = deploy.run_command(app_dir, connection, values, stream=stream)
+    except (ConfigError, deploy.DeployError) as err:
+        _fail(err)
+    _launch(cmd, dry_run)
+
+
+def _launch(cmd: list[str], dry_run: bool, replace: bool = False) -> None:
+    """Print ``cmd``; run it with the deployment environment (``replace``: become it, for services)."""
+    import os
+    import shlex
+    import subprocess
+
+    console.print(f"[bold]$ {shlex.join(cmd)}[/]", soft_wrap=True)
+    if dry_run:
+        return
+    env = deploy.environment()
+    if replace:
+        os.execvpe(cmd[0], cmd, env)
+    code = subprocess.run(cmd, env=env).returncode
+    if code:
+        raise typer.Exit(code)
+
+
+def _fail(err: Exception) -> NoReturn:
+    console.print(f"[red]error:[/] {err}")
+    raise typer.Exit(2) from err
+
+
+@app.command("personalize")
+def personalize_command(
+    run: Path = typer.Option(..., help="run directory of an expert-routing run"),
+    data: Path = typer.Option(..., help="a new client's local data (CSV/JSONL with text and label)"),
+    experts: int = typer.Option(0, help="experts to download (0 = the run's client-experts)"),
+) -> None:
+    """Zero-shot model for a client that never trained: its experts, chosen by the global gate."""
+    import json
+
+    from pollinate import data as datalib
+    from pollinate.aggregators import resolve
+    from pollinate.client.session import model_spec
+    from pollinate.experts import ExpertConfig, MixtureModel
+    from pollinate.modeling import pick_device
+    from pollinate.personalize import personalize
+    from pollinate.server.rundir import RunDirectory
+
+    try:
+        ckpt = RunDirectory(run).load_checkpoint() if (run / "summary.json").exists() else None
+        if ckpt is None:
+            raise ConfigError(f"{run} holds no finished round of a run (summary.json, checkpoint/)")
+        config = RunConfig.from_mapping(ckpt.config)
+        spec = model_spec(config, json.loads((run / "summary.json").read_text())["num_labels"],
+                          config.lora_rank)
+        model = resolve(config.aggregator).build_model(spec, pick_device(config.device))
+        if not isinstance(model, MixtureModel):
+            raise ConfigError(f"{run} is a {config.aggregator!r} run; personalize needs expert-routing")
+        model.configure(ExpertConfig.from_options(config.aggregator_option_map))
+        local = datalib.encode(datalib.load_table(str(data), config), model.tokenizer, config.task,
+                               config.max_length)
+        result = personalize(model, ckpt.states[max(ckpt.states)], local, experts=experts or None)
+    except (ConfigError, ValueError) as err:
+        _fail(err)
+    metric = "accuracy" if "accuracy" in result.full else "loss"
+    table = Table(title=f"Zero-shot personalisation - {data} ({result.examples} examples), "
+                        f"experts {list(result.experts)}")
+    for column in ("prediction", metric, "bytes downloaded"):
+        table.add_column(column, justify="right")
+    table.add_row("top-1 downloaded expert", f"{result.top1[metric]:.4f}", f"{result.bytes_downloaded:,}")
+    table.add_row("gate mixture of downloaded experts", f"{result.mixture[metric]:.4f}",
+                  f"{result.bytes_downloaded:,}")
+    table.add_row("gate mixture of all experts", f"{result.full[metric]:.4f}", f"{result.bytes_full:,}")
+    console.print(table)
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -22,6 +23,7 @@ class ConfigError(ValueError):
 TASKS = ("classification", "causal-lm")
 PARTITIONS = ("iid", "dirichlet", "classes")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DP_MODES = ("none", "sample", "client-central", "client-local")
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,12 @@ class RunConfig:
     precision: str = "auto"
     device: str = "auto"
     seed: int = 0
+    # differential privacy (docs/privacy.md); max-grad-norm is the per-sample clip of dp=sample
+    dp: str = "none"
+    target_epsilon: float = 8.0
+    delta: float = 1e-5
+    noise_multiplier: float = -1.0
+    clip_norm: float = 1.0
     # wire format
     codec: str = "topk-ternary"
     density: float = 0.1
@@ -187,22 +195,44 @@ class RunConfig:
             if not ranks or min(ranks) <= 0:
                 raise ConfigError(f"rank-profile ranks must all be > 0, got {self.rank_profile!r}")
         self.aggregator_option_map  # noqa: B018 - parse now so a bad string fails fast
+        self._check_privacy()
+
+    def _check_privacy(self) -> None:
+        if self.dp not in DP_MODES:
+            raise ConfigError(f"dp must be one of {DP_MODES}, got {self.dp!r}")
+        if not self.target_epsilon > 0:
+            raise ConfigError(f"target-epsilon must be > 0, got {self.target_epsilon}")
+        if not 0.0 < self.delta < 1.0:
+            raise ConfigError(f"delta must be in (0, 1), got {self.delta}")
+        if self.noise_multiplier < 0 and self.noise_multiplier != -1.0:
+            raise ConfigError(f"noise-multiplier must be >= 0 (or -1: solve it from target-epsilon), "
+                              f"got {self.noise_multiplier}")
+        if self.clip_norm <= 0:
+            raise ConfigError(f"clip-norm must be > 0, got {self.clip_norm}")
+        if self.dp == "sample" and self.max_grad_norm <= 0:
+            raise ConfigError("max-grad-norm must be > 0 with dp=sample (it is the per-sample clipping norm)")
+        if self.dp != "none" and self.noise_multiplier == -1.0 and math.isinf(self.target_epsilon):
+            raise ConfigError("target-epsilon must be finite to solve noise-multiplier from it")
 
 
 def parse_options(text: str, option: str) -> dict[str, Any]:
     """Parse ``key=value,key=value``; values are JSON where they parse, else strings."""
     out: dict[str, Any] = {}
     for item in (p.strip() for p in text.split(",")):
-        if not item:
-            continue
-        if "=" not in item:
-            raise ConfigError(f"{option}: expected key=value, got {item!r}")
-        key, raw = (s.strip() for s in item.split("=", 1))
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
+        if item:
+            out.update(parse_assignment(item, option))
     return out
+
+
+def parse_assignment(item: str, option: str) -> dict[str, Any]:
+    """Parse one ``key=value`` (the value may contain commas); JSON where it parses."""
+    if "=" not in item:
+        raise ConfigError(f"{option}: expected key=value, got {item!r}")
+    key, raw = (s.strip() for s in item.split("=", 1))
+    try:
+        return {key: json.loads(raw)}
+    except json.JSONDecodeError:
+        return {key: raw}
 
 
 def _key(name: str) -> str:

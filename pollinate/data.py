@@ -82,7 +82,7 @@ def load_table(path: str, config: RunConfig) -> Dataset:
     if not isinstance(table, Dataset):
         raise ConfigError(f"data {path}: expected one split, found {list(table)}")
     wanted = _columns(config)
-    for standard, column in wanted.items():
+    for column in wanted.values():
         if column not in table.column_names:
             raise ConfigError(f"data {path}: missing column {column!r} (has {table.column_names})")
     table = table.select_columns(list(wanted.values()))
@@ -180,15 +180,43 @@ def encode(table: Dataset, tokenizer: PreTrainedTokenizerBase, task: str, max_le
     return Encoded(ids, labels)
 
 
+BUCKET_WINDOW = 8  # batches per length-sorted window of a shuffled, bucketed pass
+
+
 def batches(data: Encoded, batch_size: int, pad_id: int, *, shuffle: bool, seed: int = 0,
-            device: torch.device | str = "cpu") -> Iterator[dict[str, torch.Tensor]]:
-    """Dynamically padded batches (each padded to its own longest sequence)."""
-    order = list(range(len(data)))
-    if shuffle:
-        random.Random(seed).shuffle(order)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+            device: torch.device | str = "cpu", bucket: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """Dynamically padded batches (each padded to its own longest sequence).
+
+    ``bucket`` groups sequences of similar length so that padding (and the compute
+    spent on it) nearly vanishes; see :func:`batch_indices`.
+    """
+    lengths = [len(s) for s in data.input_ids]
+    for idx in batch_indices(lengths, batch_size, shuffle=shuffle, seed=seed, bucket=bucket):
         yield collate([data.input_ids[i] for i in idx], [data.labels[i] for i in idx], pad_id, device)
+
+
+def batch_indices(lengths: Sequence[int], batch_size: int, *, shuffle: bool, seed: int = 0,
+                  bucket: bool = False) -> list[list[int]]:
+    """The example indices of each batch of one pass over examples of ``lengths``.
+
+    Without ``bucket``: consecutive (or shuffled) slices. With ``bucket`` and
+    ``shuffle`` (training): shuffle, sort each window of ``BUCKET_WINDOW`` batches by
+    length, slice, then shuffle the batches (like ``group_by_length`` in transformers),
+    so every epoch still mixes examples differently. With ``bucket`` alone
+    (evaluation): sort everything by length.
+    """
+    order = list(range(len(lengths)))
+    rng = random.Random(seed)
+    if shuffle:
+        rng.shuffle(order)
+    if bucket:
+        window = batch_size * BUCKET_WINDOW if shuffle else max(len(order), 1)
+        order = [i for start in range(0, len(order), window)
+                 for i in sorted(order[start:start + window], key=lengths.__getitem__)]
+    groups = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    if bucket and shuffle:
+        rng.shuffle(groups)
+    return groups
 
 
 def collate(seqs: Sequence[list[int]], labels: Sequence, pad_id: int,

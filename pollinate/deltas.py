@@ -6,6 +6,10 @@ layers, a subset of experts) compose without special cases.
 
 from __future__ import annotations
 
+import hashlib
+
+import torch
+
 from pollinate.spec import Tensors
 
 
@@ -20,3 +24,13 @@ def add(state: Tensors, delta: Tensors) -> Tensors:
 def diff(new: Tensors, old: Tensors) -> Tensors:
     """``new - old`` over the names of ``new`` (a name absent from ``old`` counts as zero)."""
     return {n: (t - old[n]) if n in old else t.clone() for n, t in new.items()}
+
+
+def digest(state: Tensors) -> bytes:
+    """SHA-256 over names, shapes and float32 bytes: equal digests mean bitwise-equal states."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu", torch.float32).contiguous()
+        h.update(name.encode() + b"\0" + str(tuple(tensor.shape)).encode() + b"\0")
+        h.update(tensor.numpy().tobytes())
+    return h.digest()

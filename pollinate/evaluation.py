@@ -21,8 +21,9 @@ def evaluate(model: AdapterModel, data: Encoded, batch_size: int = 64) -> dict[s
     net.eval()
     total_loss, total_items, correct = 0.0, 0, 0
     classification = model.spec.task == "classification"
+    # length-sorted batches: metrics are order-free sums, and padding would cost ~25% more compute
     for batch in batches(data, batch_size, model.tokenizer.pad_token_id, shuffle=False,
-                         device=model.device):
+                         device=model.device, bucket=True):
         out = net(**batch)
         if classification:
             n = batch["labels"].numel()

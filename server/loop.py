@@ -34,9 +34,10 @@ from pollinate.protocol import (
     downlink_codec,
 )
 
+from .privacy import private_aggregator, round_privacy
 from .progress import RoundDisplay
 from .rundir import Checkpoint, RunDirectory
-from .versions import VersionStore
+from .versions import FULL_ONLY, VersionStore
 
 log = logging.getLogger("pollinate.server")
 FIRST_VERSION = 1
@@ -74,7 +75,8 @@ class Coordinator:
         self.model = aggregator_cls.build_model(spec, pick_device(config.device))
         self.test_data = datalib.encode(self.test_table, self.model.tokenizer, config.task,
                                         config.max_length)
-        self.aggregator: Aggregator = aggregator_cls(**config.aggregator_option_map)
+        self.aggregator: Aggregator = private_aggregator(aggregator_cls(**config.aggregator_option_map),
+                                                         config, self.model)  # DP wrapper/checks
         self.part = aggregator_cls.client_part(config.aggregator_option_map, {})
         self.initial_state = self.aggregator.initial_state(self.model)
         self.uplink_spec = self.aggregator.uplink_spec(self.model)
@@ -112,7 +114,8 @@ class Coordinator:
         self._check_resumable(ckpt.config)
         for version in sorted(ckpt.states):
             self.versions.push(version, ckpt.states[version], ckpt.increments.get(version))
-        self.node_versions = dict(ckpt.node_versions)
+        if ckpt.extra.get("run_id") == self.run_id:  # a node's memory (Context.state) lives
+            self.node_versions = dict(ckpt.node_versions)  # in one run: a new run starts empty
         self.exhausted = set(ckpt.extra.get("exhausted", []))
         self.feedback = ErrorFeedback(ckpt.residual)
         self.out.truncate_metrics(ckpt.round)
@@ -148,11 +151,15 @@ class Coordinator:
         started = time.perf_counter()
         round_log = RoundLog(rnd)
         nodes = self._sample(rnd)
-        replies = self.grid.send_and_receive(self._messages(rnd, nodes),
-                                             timeout=self.config.round_timeout)
+        messages = self._messages(rnd, nodes)
+        replies = self.grid.send_and_receive(messages, timeout=self.config.round_timeout)
+        # the grid sets message ids on push; an error reply the SuperLink writes for a node
+        # that went offline comes from the SuperLink itself, so map replies by what they answer
+        addressee = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         self.aggregator.begin(rnd, self.versions.state)
         for reply in replies:
-            self._receive(reply, round_log)
+            self._receive(reply, addressee.get(reply.metadata.reply_to_message_id,
+                                               reply.metadata.src_node_id), round_log)
         missing = set(nodes) - {c["node"] for c in round_log.clients} - {
             d["node"] for d in round_log.dropped}
         for node in sorted(missing):
@@ -167,6 +174,7 @@ class Coordinator:
                       dropped=round_log.dropped, aggregator=self.aggregator.metrics(),
                       version=self.versions.latest)
         record.update(_mean_client_metrics(round_log.clients))
+        record.update(round_privacy(self.aggregator, round_log.clients))
         return record
 
     def _sample(self, rnd: int) -> list[int]:
@@ -196,8 +204,7 @@ class Coordinator:
                                     message_type=MessageType.TRAIN, group_id=str(rnd)))
         return messages
 
-    def _receive(self, reply: Message, round_log: RoundLog) -> None:
-        node = reply.metadata.src_node_id
+    def _receive(self, reply: Message, node: int, round_log: RoundLog) -> None:
         bytes_down, kind = self._sent.get(node, (0, "?"))
         if reply.has_error():
             round_log.drop(node, f"client error: {reply.error.reason}")
@@ -208,6 +215,8 @@ class Coordinator:
             round_log.drop(node, f"malformed reply: {err}")
             return
         self.node_versions[node] = answer.held_version
+        if answer.status == "stale" and answer.held_version == EMPTY_VERSION:
+            self.node_versions[node] = FULL_ONLY  # cannot rebuild the seeded first version
         entry = {"node": node, "bytes_up": len(answer.payload), "bytes_down": bytes_down,
                  "downlink": kind, "status": answer.status, "num_examples": answer.num_examples,
                  "used": False, **answer.metrics, **answer.report}
@@ -254,15 +263,16 @@ class Coordinator:
 
     def _checkpoint(self, rnd: int) -> None:
         self.out.save_checkpoint(Checkpoint(
-            round=rnd, config=self.config.to_mapping(), states=dict(self.versions.states),
+            round=rnd, config=self.config.to_mapping(), states=self.versions.snapshot(),
             increments=dict(self.versions.increments), node_versions=self.node_versions,
-            residual=self.feedback.residual, extra={"exhausted": sorted(self.exhausted)}))
+            residual=self.feedback.residual,
+            extra={"exhausted": sorted(self.exhausted), "run_id": self.run_id}))
 
     # -- results -------------------------------------------------------------------
 
     def summary(self) -> dict[str, Any]:
         keep = ("round", "accuracy", "loss", "perplexity", "bytes_up", "bytes_down", "clients",
-                "seconds", "train_loss", "dropped")
+                "seconds", "train_loss", "dropped", "epsilon")
         rounds = [{k: r[k] for k in keep if k in r} for r in self.rounds]
         return {"config": self.config.to_mapping(), "num_labels": self.num_labels,
                 "rounds": rounds, "final": rounds[-1] if rounds else {},

@@ -34,7 +34,7 @@ def test_unknown_option_rejected_when_strict():
 
 
 def test_json_round_trip_and_rank_profile():
-    config = RunConfig.from_mapping({"rank-profile": "64,32,16", "dp": True})
+    config = RunConfig.from_mapping({"rank-profile": "64,32,16", "plugin-knob": 3})
     again = RunConfig.from_json(config.to_json())
-    assert again == config and again.extra == {"dp": True}
+    assert again == config and again.extra == {"plugin-knob": 3}
     assert [config.rank_for(i) for i in range(4)] == [64, 32, 16, 64]

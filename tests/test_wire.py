@@ -10,11 +10,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from pollinate.codec import CodecSpec, decode
 from pollinate.config import RunConfig
-from pollinate.deltas import add
-from pollinate.protocol import DOWNLINK, PAYLOAD, UPLINK
+from pollinate.deltas import add, digest
+from pollinate.protocol import DOWNLINK, EMPTY_VERSION, PAYLOAD, UPLINK
 from pollinate.server.loop import Coordinator
 from pollinate.server.rundir import RunDirectory
-from pollinate.server.versions import VersionStore
+from pollinate.server.versions import FULL_ONLY, VersionStore
 from pollinate.simulations.launch import simulate
 from pollinate.spec import AdapterSpec
 
@@ -135,8 +135,15 @@ def test_client_that_skips_rounds_catches_up_exactly():
         caught_up = add(client_held[held], delta.tensors)
         for name in state:
             torch.testing.assert_close(caught_up[name], store.state[name], rtol=0, atol=1e-6)
-    payload, kind = store.payload_for(1, 7)  # fell out of the window: the full state, from nothing
+    payload, kind = store.payload_for(2, 7)  # fell out of the window: the full state, from nothing
     delta = decode(payload, spec)
     assert kind == "full" and delta.header.base_version == 0
     for name in state:
         assert torch.equal(delta.tensors[name], store.state[name])
+    assert store.payload_for(FULL_ONLY, 7)[1] == "full"
+    payload, kind = store.payload_for(EMPTY_VERSION, 7)  # new: from the seeded first version
+    delta = decode(payload, spec)
+    assert kind == "seeded" and delta.header.base_version == 1
+    assert delta.header.base_digest == digest(state)
+    for name in state:
+        torch.testing.assert_close(add(state, delta.tensors)[name], store.state[name], rtol=0, atol=1e-6)

@@ -46,7 +46,6 @@ _DTYPE_IDS: dict[torch.dtype, int] = {
     torch.float64: pb.DTYPE_FLOAT64,
 }
 _UINT64_MAX = 2**64 - 1
-DEFAULT_MAX_PAYLOAD_BYTES = 64 * 2**20
 DEFAULT_MAX_DECODED_BYTES = 2**30
 
 
@@ -58,6 +57,7 @@ class DeltaHeader:
     round: int = 0
     base_version: int = 0
     target_version: int = 0
+    base_digest: bytes = b""
 
 
 @dataclass
@@ -105,7 +105,7 @@ def encode(delta: Delta, spec: CodecSpec) -> bytes:
 
 
 def decode(payload: bytes, adapter: AdapterSpec, *,
-           max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+           max_payload_bytes: int = frame.DEFAULT_MAX_PAYLOAD_BYTES,
            max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> Delta:
     """Validate and decode ``payload`` against ``adapter``; raise a :class:`CodecError`.
 
@@ -141,9 +141,13 @@ def decode(payload: bytes, adapter: AdapterSpec, *,
     return Delta(header, tensors)
 
 
-def _header_fields(header: DeltaHeader) -> dict[str, int]:
+def _header_fields(header: DeltaHeader) -> dict[str, int | bytes]:
     values = {f.name: getattr(header, f.name) for f in fields(DeltaHeader)}
     for name, value in values.items():
+        if name == "base_digest":
+            if not isinstance(value, bytes) or len(value) > 64:
+                raise CodecError(f"header field base_digest must be at most 64 bytes, got {value!r}")
+            continue
         if not isinstance(value, int) or not 0 <= value <= _UINT64_MAX:
             raise CodecError(f"header field {name}={value!r} is not an unsigned 64-bit int")
     return values

@@ -16,6 +16,7 @@ import torch
 import zstandard
 
 from pollinate.codec.errors import NonFiniteValues
+from pollinate.codec.frame import DEFAULT_MAX_PAYLOAD_BYTES
 from pollinate.protos.pollinate.v1 import delta_pb2 as pb
 
 ENCODINGS: tuple[str, ...] = (
@@ -33,9 +34,9 @@ ENCODING_IDS: dict[str, int] = {
 SPARSE_IDS = frozenset({pb.ENCODING_TOPK_TERNARY, pb.ENCODING_TOPK_INT8})
 TOPK_SCOPES = ("global", "tensor")
 
-# Smallest positive float32: the scale used when absmax/127 underflows, so that tiny
-# tensors still quantise within scale/2 instead of dividing by zero.
-_TINY = np.float32(np.finfo(np.float32).smallest_subnormal)
+# Largest float32 scale whose product with +-127 is still finite in float32 (the largest
+# float32 below max/127): tensors near float32's limit must not decode to inf.
+_MAX_SCALE = np.nextafter(np.float32(np.finfo(np.float32).max / 127), np.float32(0))
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class CodecSpec:
     encoding: str = "topk-ternary"
     density: float = 0.1
     topk_scope: str = "global"
-    max_payload_bytes: int = 64 * 2**20
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
     zstd_level: int = 3
 
     def __post_init__(self) -> None:
@@ -97,18 +98,25 @@ def value_bytes(encoding: int, count: int) -> int:
 
 
 def _absmax_scales(groups: np.ndarray) -> np.ndarray:
-    """Per-row absmax/127 as float32, never 0 for a row that is not all zeros."""
-    absmax = np.abs(groups).max(axis=1, initial=0.0).astype(np.float64)
-    scales = (absmax / 127.0).astype(np.float32)
-    return np.where((scales == 0) & (absmax > 0), _TINY, scales)
+    """Per-row absmax/127 rounded *up* to float32, so that 127 * scale >= absmax.
+
+    Rounding to nearest could round down (badly so for subnormal tensors, or to 0), and
+    the largest elements would then clip to +-127 with more than half a step of error.
+    Only at float32's limit is the scale capped (error there stays far below a step).
+    """
+    exact = np.abs(groups).max(axis=1, initial=0.0).astype(np.float64) / 127.0
+    scales = exact.astype(np.float32)
+    scales = np.where(scales < exact, np.nextafter(scales, np.float32(np.inf)), scales)
+    return np.minimum(scales, _MAX_SCALE)
 
 
 def _quantize_int8(groups: np.ndarray) -> tuple[bytes, list[float]]:
     """int8 codes of a (rows, cols) array with one absmax scale per row."""
     scales = _absmax_scales(groups)
-    wide = scales.astype(np.float64)[:, None]
-    ratio = np.divide(groups, wide, out=np.zeros(groups.shape), where=wide > 0)
-    codes = np.clip(np.rint(ratio), -127, 127).astype(np.int8)
+    wide = scales.astype(np.float64)
+    inverse = np.divide(1.0, wide, out=np.zeros_like(wide), where=wide > 0)[:, None]
+    ratio = groups * inverse
+    codes = np.clip(np.rint(ratio, out=ratio), -127, 127, out=ratio).astype(np.int8)
     return codes.tobytes(), scales.tolist()
 
 

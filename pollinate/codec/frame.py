@@ -29,6 +29,7 @@ PREFIX = b"PLN1"
 _PREFIX_FAMILY = PREFIX[:3]
 MAGIC = int.from_bytes(b"PLAD", "little")  # AdapterDelta.magic
 CODEC_VERSION = 1
+DEFAULT_MAX_PAYLOAD_BYTES = 64 * 2**20
 
 
 def wrap(message: bytes, level: int) -> bytes:

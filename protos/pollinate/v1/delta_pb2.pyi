@@ -75,7 +75,7 @@ class TensorEntry(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., index_coding: _Optional[_Union[IndexCoding, str]] = ..., indices: _Optional[bytes] = ..., values: _Optional[bytes] = ..., scales: _Optional[_Iterable[float]] = ..., numel: _Optional[int] = ..., nnz: _Optional[int] = ..., crc32: _Optional[int] = ...) -> None: ...
 
 class AdapterDelta(_message.Message):
-    __slots__ = ("magic", "codec_version", "run_id", "round", "base_version", "target_version", "tensors")
+    __slots__ = ("magic", "codec_version", "run_id", "round", "base_version", "target_version", "tensors", "base_digest")
     MAGIC_FIELD_NUMBER: _ClassVar[int]
     CODEC_VERSION_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +83,7 @@ class AdapterDelta(_message.Message):
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     TARGET_VERSION_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    BASE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     magic: int
     codec_version: int
     run_id: int
@@ -90,4 +91,5 @@ class AdapterDelta(_message.Message):
     base_version: int
     target_version: int
     tensors: _containers.RepeatedCompositeFieldContainer[TensorEntry]
-    def __init__(self, magic: _Optional[int] = ..., codec_version: _Optional[int] = ..., run_id: _Optional[int] = ..., round: _Optional[int] = ..., base_version: _Optional[int] = ..., target_version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorEntry, _Mapping]]] = ...) -> None: ...
+    base_digest: bytes
+    def __init__(self, magic: _Optional[int] = ..., codec_version: _Optional[int] = ..., run_id: _Optional[int] = ..., round: _Optional[int] = ..., base_version: _Optional[int] = ..., target_version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorEntry, _Mapping]]] = ..., base_digest: _Optional[bytes] = ...) -> None: ...

@@ -1,0 +1,296 @@
+"""Round trips through encode/decode: exactness, error bounds, top-k, error feedback."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from pollinate.codec import (
+    ENCODINGS,
+    BadDtype,
+    CodecSpec,
+    Delta,
+    DeltaHeader,
+    ErrorFeedback,
+    MalformedPayload,
+    NonFiniteValues,
+    PayloadTooLarge,
+    ShapeMismatch,
+    decode,
+    encode,
+    encoded_error_bound,
+    frame,
+    topk,
+)
+from pollinate.codec.indices import decode_indices, encode_indices
+from pollinate.protos.pollinate.v1 import delta_pb2 as pb
+from pollinate.spec import AdapterSpec
+
+SETTINGS = settings(max_examples=60, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+shapes = st.lists(st.integers(0, 7), min_size=0, max_size=3).map(tuple)
+
+
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def tensor_dicts(limit: float = F32_MAX, min_tensors: int = 1):
+    """1-4 named float32 tensors (empty and 0-d included), |x| <= ``limit``."""
+    limit = float(np.float32(limit))
+    elements = st.one_of(
+        st.floats(-limit, limit, width=32),
+        st.floats(-2.0**-10, 2.0**-10, width=32),  # small values and subnormals
+        st.sampled_from([0.0, -0.0, 1.0, -1.0]),
+    )
+    one = shapes.flatmap(lambda s: arrays(np.float32, s, elements=elements))
+    return st.lists(one, min_size=min_tensors, max_size=4).map(
+        lambda xs: {f"t{i}": torch.from_numpy(x.copy()) for i, x in enumerate(xs)})
+
+
+def roundtrip(tensors: dict[str, torch.Tensor], spec: CodecSpec,
+              header: DeltaHeader = DeltaHeader()) -> Delta:
+    out = decode(encode(Delta(header, tensors), spec), AdapterSpec.of(tensors))
+    assert out.header == header
+    assert list(out.tensors) == list(tensors)
+    for name, t in out.tensors.items():
+        assert t.dtype == torch.float32 and t.device.type == "cpu"
+        assert t.shape == tensors[name].shape
+    return out
+
+
+@SETTINGS
+@given(tensor_dicts(), st.tuples(*[st.integers(0, 2**64 - 1)] * 4))
+def test_fp32_is_bit_exact(tensors, header_fields):
+    out = roundtrip(tensors, CodecSpec("fp32"), DeltaHeader(*header_fields))
+    for name, t in tensors.items():
+        assert torch.equal(out.tensors[name].view(torch.int32), t.view(torch.int32))
+
+
+@SETTINGS
+@given(tensor_dicts(limit=65504.0))
+def test_fp16_matches_the_cast(tensors):
+    out = roundtrip(tensors, CodecSpec("fp16"))
+    for name, t in tensors.items():
+        assert torch.equal(out.tensors[name], t.half().float())
+        err = (out.tensors[name] - t).abs().max().item() if t.numel() else 0.0
+        assert err <= encoded_error_bound(t, "fp16")
+
+
+@SETTINGS
+@given(tensor_dicts(limit=3e38))
+def test_bf16_matches_the_cast(tensors):
+    out = roundtrip(tensors, CodecSpec("bf16"))
+    for name, t in tensors.items():
+        assert torch.equal(out.tensors[name], t.bfloat16().float())
+        err = (out.tensors[name].double() - t.double()).abs().max().item() if t.numel() else 0.0
+        assert err <= encoded_error_bound(t, "bf16")
+
+
+def _row_scales(t: torch.Tensor, per_row: bool) -> np.ndarray:
+    x = t.double().numpy()
+    rows = x.reshape(t.shape[0], -1) if per_row and t.dim() == 2 and t.shape[0] else x.reshape(1, -1)
+    return np.abs(rows).max(axis=1, initial=0.0) / 127.0
+
+
+@SETTINGS
+@given(tensor_dicts(), st.sampled_from(["int8", "int8-row"]))
+def test_int8_is_within_half_a_step(tensors, encoding):
+    out = roundtrip(tensors, CodecSpec(encoding))
+    for name, t in tensors.items():
+        if not t.numel():
+            continue
+        scales = _row_scales(t, encoding == "int8-row")
+        rows = scales.size
+        err = (out.tensors[name].double() - t.double()).abs().numpy().reshape(rows, -1)
+        tiny = float(np.finfo(np.float32).smallest_subnormal)
+        slack = np.abs(t.double().numpy()).max() * 2.0**-22 + tiny
+        assert (err <= scales[:, None] / 2 + slack).all()
+        assert err.max() <= encoded_error_bound(t, encoding)
+
+
+def _check_topk(tensors, spec: CodecSpec, out: Delta) -> None:
+    flat = {n: t.reshape(-1).numpy() for n, t in tensors.items()}
+    kept = topk.select(flat, spec.density, spec.topk_scope)
+    groups = [[n] for n in flat] if spec.topk_scope == "tensor" else [list(flat)]
+    for names in groups:
+        x = np.concatenate([flat[n] for n in names])
+        mask = np.concatenate([np.isin(np.arange(flat[n].size), kept[n]) for n in names])
+        k = max(1, round(spec.density * x.size)) if x.size else 0
+        assert mask.sum() == min(k, np.count_nonzero(x))
+        if mask.any() and not mask.all():
+            assert np.abs(x[mask]).min() >= np.abs(x[~mask]).max()
+    for name in tensors:
+        x, got = flat[name], out.tensors[name].reshape(-1).numpy()
+        dropped = np.ones(x.size, dtype=bool)
+        dropped[kept[name]] = False
+        assert (got[dropped] == 0).all()
+        xk, gk = x[kept[name]], got[kept[name]]
+        if spec.encoding == "topk-ternary":
+            scale = np.float32(np.abs(xk.astype(np.float64)).mean()) if xk.size else 0
+            assert np.array_equal(gk, np.sign(xk) * scale)
+        elif xk.size:
+            step = np.abs(xk.astype(np.float64)).max() / 127
+            slack = np.abs(xk).max() * 2.0**-22 + float(np.finfo(np.float32).smallest_subnormal)
+            assert (np.abs(gk.astype(np.float64) - xk) <= step / 2 + slack).all()
+
+
+@SETTINGS
+@given(tensor_dicts(), st.sampled_from(["topk-ternary", "topk-int8"]),
+       st.sampled_from([0.01, 0.1, 0.5, 1.0]), st.sampled_from(["global", "tensor"]))
+def test_topk_keeps_the_largest_and_zeroes_the_rest(tensors, encoding, density, scope):
+    spec = CodecSpec(encoding, density=density, topk_scope=scope)
+    _check_topk(tensors, spec, roundtrip(tensors, spec))
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+@pytest.mark.parametrize("shape", [(), (0,), (3, 0), (0, 5), (1,), (2, 3, 4)])
+def test_empty_and_scalar_tensors_roundtrip(encoding, shape):
+    t = torch.arange(1, 1 + int(np.prod(shape)), dtype=torch.float32).reshape(shape) / 7
+    out = roundtrip({"x": t, "zero": torch.zeros(shape)}, CodecSpec(encoding, density=1.0))
+    assert torch.equal(out.tensors["zero"], torch.zeros(shape))
+    tol = 0.0 if encoding.startswith("topk") or encoding == "fp32" else encoded_error_bound(t, encoding)
+    if encoding == "topk-ternary":  # all kept, every value becomes +-mean|x|
+        tol = (t - t.abs().mean()).abs().max().item() if t.numel() else 0.0
+    elif encoding == "topk-int8":
+        tol = t.abs().max().item() / 254 * 1.001 if t.numel() else 0.0
+    assert (out.tensors["x"] - t).abs().max().item() <= tol if t.numel() else True
+
+
+def test_global_topk_sends_tensors_left_empty_as_zeros():
+    tensors = {"big": torch.randn(40, 10) * 100, "small": torch.randn(3, 5) * 1e-6}
+    out = roundtrip(tensors, CodecSpec("topk-ternary", density=0.05))
+    assert torch.equal(out.tensors["small"], torch.zeros(3, 5))
+    assert torch.count_nonzero(out.tensors["big"]) == round(0.05 * (400 + 15))
+
+
+@pytest.mark.parametrize("density,coding", [(0.01, pb.INDEX_CODING_DELTA_VARINT),
+                                            (0.9, pb.INDEX_CODING_BITMAP)])
+def test_index_coding_picks_the_smaller(density, coding):
+    payload = encode(Delta(DeltaHeader(), {"w": torch.randn(100, 100)}),
+                     CodecSpec("topk-int8", density=density))
+    entry = pb.AdapterDelta.FromString(frame.unwrap(payload, 2**30)).tensors[0]
+    assert entry.index_coding == coding
+    assert entry.nnz == round(density * 10_000)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 2**62).flatmap(
+    lambda numel: st.tuples(st.just(numel), st.sets(st.integers(0, min(numel, 2**62) - 1),
+                                                    max_size=64))))
+def test_index_coding_roundtrips_any_index_set(case):
+    numel, index_set = case
+    idx = np.array(sorted(index_set), dtype=np.int64)
+    if numel > 1 << 20 and idx.size * 9 > (numel + 7) // 8:
+        return  # would pick a bitmap of gigabytes; covered for small numel below
+    coding, data = encode_indices(idx, numel)
+    assert np.array_equal(decode_indices(coding, data, idx.size, numel, "w"), idx)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 300).flatmap(lambda n: st.tuples(st.just(n), st.sets(st.integers(0, n - 1)))))
+def test_index_coding_roundtrips_dense_sets(case):
+    numel, index_set = case
+    idx = np.array(sorted(index_set), dtype=np.int64)
+    coding, data = encode_indices(idx, numel)
+    assert len(data) <= (numel + 7) // 8
+    assert np.array_equal(decode_indices(coding, data, idx.size, numel, "w"), idx)
+
+
+def _run_rounds(feedback: ErrorFeedback | None, g: torch.Tensor, rounds: int):
+    spec = CodecSpec("topk-ternary", density=0.05)
+    adapter = AdapterSpec.of({"w": g})
+    cum_true, cum_sent, residual_norms = torch.zeros_like(g), torch.zeros_like(g), []
+    for _ in range(rounds):
+        sent = feedback.compensate({"w": g}) if feedback else {"w": g}
+        decoded = decode(encode(Delta(DeltaHeader(), sent), spec), adapter).tensors
+        if feedback:
+            feedback.update(sent, decoded)
+            residual_norms.append(feedback.residual["w"].norm().item())
+        cum_true += g
+        cum_sent += decoded["w"]
+    return (cum_true - cum_sent).norm().item() / cum_true.norm().item(), residual_norms
+
+
+def test_error_feedback_tracks_the_cumulative_sum():
+    g = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    ef = ErrorFeedback()
+    rel_ef, norms = _run_rounds(ef, g, 120)
+    rel_plain, _ = _run_rounds(None, g, 120)
+    # The residual (what the receiver is still missing) saturates at ~1/density rounds'
+    # worth of update instead of growing with the number of rounds.
+    assert max(norms) < g.norm().item() / 0.05
+    assert max(norms[60:]) <= 1.15 * max(norms[:60])
+    assert rel_ef < 0.1 < rel_plain
+    assert rel_ef < rel_plain / 5
+
+
+def test_error_feedback_state_roundtrips_and_validates():
+    ef = ErrorFeedback({"a": torch.randn(3, 4), "b": torch.zeros(0)})
+    back = ErrorFeedback.from_bytes(ef.to_bytes())
+    assert back.residual.keys() == ef.residual.keys()
+    assert all(torch.equal(back.residual[n], ef.residual[n]) for n in ef.residual)
+    assert ErrorFeedback.from_bytes(ErrorFeedback().to_bytes()).residual == {}
+    with pytest.raises(MalformedPayload):
+        ErrorFeedback.from_bytes(b"\x00\x01garbage")
+    with pytest.raises(ShapeMismatch):
+        ef.compensate({"a": torch.zeros(4, 3)})
+    comp = ef.compensate({"a": torch.ones(3, 4), "c": torch.ones(2)})
+    assert torch.equal(comp["a"], torch.ones(3, 4) + ef.residual["a"])
+    ef.update({"c": torch.ones(2)}, {})
+    assert torch.equal(ef.residual["c"], torch.ones(2))
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_encode_refuses_non_finite(encoding):
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.ones(4, 4)
+        t[1, 2] = bad
+        with pytest.raises(NonFiniteValues, match="'w'"):
+            encode(Delta(DeltaHeader(), {"ok": torch.ones(2), "w": t}), CodecSpec(encoding))
+
+
+def test_encode_refuses_overflow_and_non_float():
+    with pytest.raises(NonFiniteValues, match="float16"):
+        encode(Delta(DeltaHeader(), {"w": torch.full((2,), 1e5)}), CodecSpec("fp16"))
+    with pytest.raises(NonFiniteValues):
+        encode(Delta(DeltaHeader(), {"w": torch.full((2,), 1e300, dtype=torch.float64)}),
+               CodecSpec("fp32"))
+    with pytest.raises(BadDtype, match="'w'"):
+        encode(Delta(DeltaHeader(), {"w": torch.ones(2, dtype=torch.int64)}), CodecSpec("fp32"))
+    with pytest.raises(PayloadTooLarge):
+        encode(Delta(DeltaHeader(), {"w": torch.randn(1000)}),
+               CodecSpec("fp32", max_payload_bytes=1000))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_float_dtypes_decode_to_float32(dtype):
+    t = torch.randn(5, 3).to(dtype)
+    out = roundtrip({"w": t}, CodecSpec("fp32"))
+    assert torch.equal(out.tensors["w"], t.float())
+
+
+def test_codec_spec_validates():
+    assert CodecSpec("fp32").lossless and not CodecSpec().lossless
+    for bad in ({"encoding": "gzip"}, {"density": 0.0}, {"density": 1.5},
+                {"topk_scope": "layer"}, {"max_payload_bytes": 0}, {"zstd_level": 0}):
+        with pytest.raises(ValueError):
+            CodecSpec(**bad)
+
+
+def test_a_million_floats_encode_and_decode_fast():
+    x = {"w": torch.randn(1000, 1000)}
+    adapter = AdapterSpec.of(x)
+    for encoding in ("topk-ternary", "int8-row", "fp16"):
+        spec = CodecSpec(encoding)
+        decode(encode(Delta(DeltaHeader(), x), spec), adapter)  # warm up
+        start = time.process_time()  # CPU time: robust to other jobs sharing the cores
+        decode(encode(Delta(DeltaHeader(), x), spec), adapter)
+        # ~15-40 ms on one core; the bound only catches per-element Python loops.
+        assert time.process_time() - start < 0.5, encoding
