@@ -144,9 +144,16 @@ def private_aggregator(aggregator: Aggregator, config: RunConfig, model: Adapter
     if ranks != {model.spec.rank}:
         raise PrivacyError(f"dp=client-central sums updates of one shape: every client needs LoRA rank "
                            f"{model.spec.rank}, rank-profile gives {sorted(ranks)}")
+    template = {n: t for n, t in model.adapter_state().items() if n in aggregator.uplink_spec(model)}
+    aggregator.begin(0, aggregator.initial_state(model))
+    try:  # the method must accept one anonymous update (no per-client reports) in each round
+        aggregator.check(ClientUpdate(-1, {n: torch.zeros(t.shape) for n, t in template.items()}, 1,
+                                      model.spec.rank, model.spec.alpha))
+    except AggregationError as err:
+        raise PrivacyError(f"dp=client-central: aggregator {config.aggregator!r} cannot aggregate the "
+                           f"one noisy mean client-level DP releases per round: {err}") from err
     rate = planned_sample_rate(config)
     sigma = noise_multiplier(config, rate, config.num_server_rounds)
-    template = {n: t for n, t in model.adapter_state().items() if n in aggregator.uplink_spec(model)}
     return CentralDP(aggregator, template=template, rank=model.spec.rank, alpha=model.spec.alpha,
                      clip_norm=config.clip_norm, noise_multiplier=sigma,
                      budget=Budget(config.target_epsilon, config.delta), population=config.num_clients,
