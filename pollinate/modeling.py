@@ -50,7 +50,8 @@ RANDOM_LLAMA_SHAPES = {
     "llama-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                      num_key_value_heads=8, intermediate_size=14336, vocab_size=128256),
 }
-_STRIP = re.compile(r"(^base_model\.model\.)|(\.default(?=\.|$))|(_module\.)")
+_OPACUS = re.compile(r"(?:^|(?<=\.))_module\.")
+_STRIP = re.compile(r"(^base_model\.model\.)|(\.default(?=\.|$))")
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,8 @@ def default_model_path() -> str:
 
 
 def canonical_name(name: str) -> str:
-    return _STRIP.sub("", name)
+    """``_module.base_model.model.x.lora_A.default.weight`` -> ``x.lora_A.weight``."""
+    return _STRIP.sub("", _OPACUS.sub("", name))
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:

@@ -105,8 +105,6 @@ def test_per_sample_gradients_sum_to_the_batch_gradient_and_hooks_leave_no_trace
     assert set(model.adapter_state()) == set(model.adapter_names)
 
 
-@pytest.mark.xfail(strict=True, reason="canonical_name strips '^base_model.model.' only at the very start, "
-                   "so '_module.base_model.model.x' keeps 'base_model.model.'; DP never wraps (hooks only)")
 def test_canonical_names_drop_the_opacus_wrapper_prefix(model):
     wrapped = GradSampleModule(model.model)
     try:
