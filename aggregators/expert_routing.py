@@ -3,43 +3,50 @@
 Model: :mod:`pollinate.experts` (experts ``experts.{e}.*``, gate ``gate.*``, shared head).
 
 Client (:class:`ExpertClient`): embeds its local data once with the common expert (the
-frozen base model; memoised per example), scores the experts with the current global
-gate over all its examples and trains only its top ``client-experts`` experts plus the
-gate and the head, routing every example among those experts (top-``top-k``). Where the
-round's instructions name experts (``start=assign``, round 1) it trains those instead. An
+frozen base model; memoised per example) and scores every expert with the current
+global gate: its mean gate probability over all local examples. It trains the experts
+the round's instructions name, or else its top ``client-experts`` experts by score, plus
+the gate and the head, routing every example among those experts (top-``top-k``). An
 *anchor* client is pinned to one expert instead (node config ``anchor-expert`` in a
 deployment; option ``anchors=p0:p1:...`` in a simulation: partition ``p_i`` is pinned to
 expert ``i``) and trains the gate toward it. It sends the change of those experts, the
-gate and the head, and reports which experts it trained and how many of its examples
-each one received (``experts``, ``routed-{e}``).
+gate and the head, and reports which experts it trained, how many of its examples each
+one received and its scores (``experts``, ``routed-{e}``, ``score-{e}``).
 
 Server (:class:`ExpertRouting`): each expert tensor is averaged over the clients that
 sent it, weighted by the examples they routed to that expert; the gate and head over
 all clients, weighted by example counts. An expert nobody trained in a round is absent
-from the round's delta and stays bit for bit unchanged. ``metrics()`` gives per-round
-usage (clients and routed examples per expert); ``plots()`` draws usage per round and
-the client-to-expert assignments.
+from the round's delta and stays bit for bit unchanged. Then a loss-free balancing step
+on the gate's output bias (see :meth:`ExpertRouting.finalize`). ``metrics()`` gives
+per-round usage; ``plots()`` draws usage per round and the client-to-expert assignments.
+
+Which experts a client trains (``choice``), from round 2 on:
+
+* ``balanced`` (default): the server assigns them from each client's last reported
+  scores, greedily by score under equal capacity ``ceil(clients * client-experts / E)``
+  per expert, and sends them in the round's instructions. Letting every client take its
+  own top experts lets a popular expert attract everyone (each client's routing loss
+  makes it more popular still: measured on BANKING77, one expert ended with 79% of the
+  gate mass); capacity makes experts split the clients by affinity, like balanced k-means.
+* ``gate``: each client takes its own top experts (FedJETs).
+
+Round 1, and clients the server has no scores for (``start``):
+
+* ``assign`` (default, label-free): random Gaussian gate; the server deals experts to
+  them, least-used first with seeded ties, so every expert gets the same number.
+* ``kmeans`` (label-free, needs ``kmeans-data``: unlabelled public texts, readable by the
+  clients too since they rebuild version 1): the gate starts as nearest-centroid routing
+  of their centred common-expert embeddings and such clients choose by it.
 
 Options (``aggregator-options``, validated by :class:`~pollinate.experts.ExpertConfig`):
 ``experts`` (E, 4), ``top-k`` (2), ``client-experts`` (2), ``balance-weight`` (0.01),
-``route-weight`` (1.0), ``gate-hidden`` (64), ``start``, ``kmeans-data``, ``anchors``, ``seed``.
-
-How the symmetry between experts is broken (``start``; anchors work with any of them):
-
-* ``assign`` (default, label-free): random orthogonal gate; in round 1 the server deals
-  the experts to the sampled clients from shuffled decks (every expert gets the same
-  number of clients), clients train those and teach the gate to route their data there;
-  from round 2 clients choose by the gate. Choosing by the gate and training the gate
-  toward the choices alternate like Lloyd's k-means over clients.
-* ``kmeans`` (label-free, needs ``kmeans-data``: unlabelled public texts on the server):
-  the gate starts as nearest-centroid routing of their centred common-expert embeddings.
-* ``random``: random orthogonal gate + balance loss only. The common expert's embeddings
-  share a large common direction, so every client prefers the same experts and the
-  experts collapse unless anchors break the tie (kept as the ablation).
+``balance-rate`` (1.0), ``route-weight`` (1.0), ``gate-hidden`` (64), ``start``,
+``choice``, ``kmeans-data``, ``anchors``, ``seed``.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -146,6 +153,7 @@ class ExpertRouting(Aggregator):
         self._scores = torch.zeros(self.config.experts, dtype=torch.float64)  # example-weighted sums
         self._scored = 0.0
         self._marginal: torch.Tensor | None = None
+        self._affinity: dict[int, list[float]] = {}  # node -> its last reported scores (not checkpointed)
 
     @classmethod
     def build_model(cls, spec: ModelSpec, device: torch.device | str) -> AdapterModel:
@@ -153,19 +161,21 @@ class ExpertRouting(Aggregator):
 
     def initial_state(self, model: AdapterModel) -> Tensors:
         mixture = _mixture(model, self.config)
-        state = mixture.adapter_state()
+        state = mixture.initial_state()
         if self.config.start == "kmeans":
             state.update(kmeans_gate_state(mixture, public_texts(self.config.kmeans_data)))
         return state
 
     def instructions(self, rnd: int, node_ids: Sequence[int]) -> dict[int, dict]:
-        if self.config.start != "assign" or rnd != 1:
-            return {node: {} for node in node_ids}
-        dealt = deal_experts(len(node_ids), self.config.experts, self.config.client_experts,
-                             self.config.seed)
-        order = random.Random(self.config.seed).sample(sorted(node_ids), len(node_ids))
-        return {node: {"experts": ",".join(map(str, experts))} for node, experts in zip(order, dealt,
-                                                                                      strict=True)}
+        """The experts each sampled client trains, where the server decides them."""
+        nodes = sorted(node_ids)
+        known = {n: self._affinity[n] for n in nodes if n in self._affinity} \
+            if self.config.choice == "balanced" else {}
+        dealt = [n for n in nodes if n not in known] \
+            if self.config.start == "assign" and (rnd == 1 or self.config.choice == "balanced") else []
+        hands = assign_experts(known, dealt, self.config.experts, self.config.client_experts,
+                               self.config.seed + rnd)
+        return {n: {"experts": ",".join(map(str, hands[n]))} if n in hands else {} for n in nodes}
 
     def uplink_spec(self, model: AdapterModel) -> AdapterSpec:
         return AdapterSpec.of(_mixture(model, self.config).adapter_state(), free_rank=True)
@@ -214,9 +224,9 @@ class ExpertRouting(Aggregator):
             if weight > 0:  # a client that routed nothing to an expert has no say on it
                 self._fold(name, tensor, float(weight))
         if f"score-{self.config.experts - 1}" in update.capabilities:
-            self._scores += update.num_examples * torch.tensor(
-                [float(update.capabilities[f"score-{e}"]) for e in range(self.config.experts)],
-                dtype=torch.float64)
+            scores = [float(update.capabilities[f"score-{e}"]) for e in range(self.config.experts)]
+            self._affinity[update.node_id] = scores
+            self._scores += update.num_examples * torch.tensor(scores, dtype=torch.float64)
             self._scored += update.num_examples
 
     def finalize(self) -> Tensors:
@@ -287,25 +297,31 @@ class ExpertRouting(Aggregator):
         return [path]
 
 
-def deal_experts(clients: int, experts: int, per_client: int, seed: int) -> list[tuple[int, ...]]:
-    """``per_client`` distinct experts for each client, dealt from shuffled decks of all experts
-    so that usage differs by at most one deck between experts."""
+def assign_experts(scores: Mapping[int, Sequence[float]], unknown: Sequence[int], experts: int,
+                   per_client: int, seed: int) -> dict[int, tuple[int, ...]]:
+    """``per_client`` distinct experts for every node of ``scores`` and ``unknown``.
+
+    Nodes with scores are served greedily, best (score, node, expert) first, while the
+    expert has capacity ``ceil(nodes * per_client / experts)``; then the unknown nodes (in
+    seeded random order) and any node still short take the least-used experts, seeded
+    ties, over capacity only if nothing else is left.
+    """
+    nodes = [*scores, *unknown]
+    capacity = math.ceil(len(nodes) * per_client / experts)
+    load = [0] * experts
+    hands: dict[int, list[int]] = {n: [] for n in nodes}
+    for _, node, expert in sorted((-float(s), n, e) for n, row in scores.items() for e, s in enumerate(row)):
+        if len(hands[node]) < per_client and load[expert] < capacity:
+            hands[node].append(expert)
+            load[expert] += 1
     rng = random.Random(seed)
-    deck: list[int] = []
-    hands = []
-    for _ in range(clients):
-        hand: list[int] = []
-        while len(hand) < per_client:
-            if not deck:
-                deck = rng.sample(range(experts), experts)
-            card = next((c for c in deck if c not in hand), None)
-            if card is None:  # the rest of the deck is already in this hand: open a new deck
-                deck = rng.sample(range(experts), experts) + deck
-                continue
-            deck.remove(card)
-            hand.append(card)
-        hands.append(tuple(sorted(hand)))
-    return hands
+    for node in rng.sample(list(unknown), len(unknown)) + [n for n in scores if len(hands[n]) < per_client]:
+        while len(hands[node]) < per_client:
+            expert = min((e for e in range(experts) if e not in hands[node]),
+                         key=lambda e: (load[e] >= capacity, load[e], rng.random()))
+            hands[node].append(expert)
+            load[expert] += 1
+    return {n: tuple(sorted(h)) for n, h in hands.items()}
 
 
 def public_texts(path: str) -> list[str]:

@@ -42,7 +42,8 @@ import json
 import math
 import re
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,8 @@ from pollinate.modeling import (
 from pollinate.spec import Tensors
 
 GATE_PREFIX = "gate."
-STARTS = ("assign", "kmeans", "random")
+STARTS = ("assign", "kmeans")
+CHOICES = ("balanced", "gate")
 _EXPERT = re.compile(r"^experts\.(\d+)\.")
 _LIST_SEPARATORS = re.compile(r"[:;/\s]+")
 MEMO_SIZE = 65536  # common-expert embeddings kept per process (384 floats each for MiniLM)
@@ -88,6 +90,7 @@ class ExpertConfig:
     route_weight: float = 1.0
     gate_hidden: int = 64
     start: str = "assign"
+    choice: str = "balanced"
     kmeans_data: str = ""
     anchors: tuple[int, ...] = ()
     seed: int = 0
@@ -110,6 +113,8 @@ class ExpertConfig:
                 raise ConfigError(f"expert-routing: {_key(name)} must be >= 0, got {getattr(self, name)}")
         if self.start not in STARTS:
             raise ConfigError(f"expert-routing: start must be one of {STARTS}, got {self.start!r}")
+        if self.choice not in CHOICES:
+            raise ConfigError(f"expert-routing: choice must be one of {CHOICES}, got {self.choice!r}")
         if self.start == "kmeans" and not self.kmeans_data:
             raise ConfigError("expert-routing: start=kmeans needs kmeans-data "
                               "(a CSV/JSONL of unlabelled public texts with a 'text' column)")
@@ -226,7 +231,8 @@ def client_choice(probs: torch.Tensor, count: int) -> tuple[int, ...]:
 
 def routed_counts(probs: torch.Tensor, allowed: Sequence[int], k: int) -> dict[int, int]:
     """Examples whose top-``k`` among ``allowed`` includes each allowed expert."""
-    index, _ = route(probs.log(), k, allowed_mask(probs.shape[1], allowed, probs.device))
+    mask = allowed_mask(probs.shape[1], allowed, probs.device)
+    index = probs.masked_fill(~mask, -1.0).topk(min(k, len(allowed)), dim=-1).indices
     return {e: int((index == e).any(-1).sum()) for e in allowed}
 
 
@@ -300,10 +306,12 @@ class Gate(nn.Module):
         super().__init__()
         self.hidden = nn.Linear(dim, hidden)
         self.out = nn.Linear(hidden, experts)
-        # orthogonal rows: the experts start with distinct directions;
-        # sqrt(dim) makes the hidden pre-activations O(1) for unit-norm embeddings
-        nn.init.orthogonal_(self.hidden.weight, gain=math.sqrt(dim))
-        nn.init.orthogonal_(self.out.weight, gain=GATE_OUT_GAIN / GATE_LOGIT_SCALE)
+        # Gaussian rows: nearly orthogonal directions in high dimension, and unlike orthogonal_
+        # (a LAPACK QR whose rounding depends on the thread count) bitwise reproducible, which
+        # clients need to rebuild the seeded first version. N(0, 1) entries make the hidden
+        # pre-activations O(1) for unit-norm embeddings; output rows have norm ~ gain / c.
+        nn.init.normal_(self.hidden.weight)
+        nn.init.normal_(self.out.weight, std=GATE_OUT_GAIN / GATE_LOGIT_SCALE / math.sqrt(hidden))
         nn.init.zeros_(self.hidden.bias)
         nn.init.zeros_(self.out.bias)
 
@@ -352,8 +360,9 @@ class MixtureNet(nn.Module):
             balance = balance_loss(probs)
             aux["balance"] = float(balance.detach())
             loss = loss + self.config.balance_weight * balance
-            if allowed is not None:
-                routed = -probs[:, allowed].sum(-1).clamp_min(1e-9).log().mean()
+            if allowed is not None:  # -log sum_{e in allowed} p_e, in log space
+                logits = gate_logits.float()
+                routed = (logits.logsumexp(-1) - logits[:, allowed].logsumexp(-1)).mean()
                 aux["route"] = float(routed.detach())
                 loss = loss + self.config.route_weight * routed
         return MixtureOutput(loss, out.logits, gate_logits, index, aux)
@@ -366,14 +375,15 @@ class MixtureNet(nn.Module):
         missing = [i for i, key in enumerate(keys) if key not in self._memo]
         if missing:
             rows = torch.tensor(missing, device=input_ids.device)
-            fresh = self._common_expert(input_ids.index_select(0, rows), attention_mask.index_select(0, rows))
+            fresh = self.common_expert(input_ids.index_select(0, rows), attention_mask.index_select(0, rows))
             for i, vector in zip(missing, fresh.cpu(), strict=True):
                 self._memo[keys[i]] = vector
                 if len(self._memo) > MEMO_SIZE:
                     self._memo.popitem(last=False)
         return torch.stack([self._memo[key] for key in keys]).to(input_ids.device)
 
-    def _common_expert(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def common_expert(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The base model's embedding with every expert off, in eval mode (not memoised)."""
         backbone = self.base.base_model  # transformers: the model without its task head
         was_training = backbone.training
         backbone.eval()
@@ -398,6 +408,7 @@ class MixtureModel(AdapterModel):
         self.layers = layers
         self._base_originals: dict[str, torch.Tensor] = {}
         self._build()
+        self._initial_head = {n: self._params[n].detach().clone() for n in self.head_names()}
 
     # -- structure ----------------------------------------------------------------------
 
@@ -415,6 +426,12 @@ class MixtureModel(AdapterModel):
         self.model.config = config
         if rebuild:
             self._build()
+
+    def initial_state(self) -> Tensors:
+        """Version 0: freshly initialised experts and gate from the options' seed, the base's head."""
+        self._build()
+        self.load_adapter_state(self._initial_head)
+        return self.adapter_state()
 
     def _build(self) -> None:
         config = self.model.config
@@ -456,10 +473,11 @@ class MixtureModel(AdapterModel):
         self.model.policy = policy
 
     @torch.no_grad()
-    def embeddings(self, data: Encoded, batch_size: int = 64) -> torch.Tensor:
-        """Common-expert embeddings of every example of ``data`` (``[N, dim]``, memoised)."""
+    def embeddings(self, data: Encoded, batch_size: int = 64, memo: bool = True) -> torch.Tensor:
+        """Common-expert embeddings of every example of ``data`` (``[N, dim]``)."""
+        embed = self.model.embed if memo else self.model.common_expert
         pad = self.tokenizer.pad_token_id
-        return torch.cat([self.model.embed(b["input_ids"], b["attention_mask"]) for b in
+        return torch.cat([embed(b["input_ids"], b["attention_mask"]) for b in
                           batches(data, batch_size, pad, shuffle=False, device=self.device)]).cpu()
 
     @torch.no_grad()
@@ -521,6 +539,17 @@ def build_mixture(spec: ModelSpec, device: torch.device | str = "cpu",
 
 # -- label-free gate initialisation -------------------------------------------------------
 
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch on one thread: float sums then round the same way in every process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def spherical_kmeans(points: torch.Tensor, k: int, seed: int, iterations: int = 25) -> torch.Tensor:
     """``k`` unit-norm centroids of unit-norm ``points`` (k-means++ seeding, cosine distance)."""
     if len(points) < k:
@@ -548,10 +577,11 @@ def kmeans_gate_state(model: MixtureModel, texts: Sequence[str], max_length: int
     keep their random initialisation and start with zero output weights.
     """
     ids = model.tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
-    points = model.embeddings(Encoded(ids, [0] * len(ids)))
-    center = points.mean(0)
-    centroids = spherical_kmeans(F.normalize(points - center, dim=-1), model.num_experts,
-                                 model.config.seed)
+    with single_thread():  # clients rebuild this state and the server checks its digest
+        points = model.embeddings(Encoded(ids, [0] * len(ids)), memo=False)
+        center = points.mean(0)
+        centroids = spherical_kmeans(F.normalize(points - center, dim=-1), model.num_experts,
+                                     model.config.seed)
     experts, hidden = model.num_experts, model.config.gate_hidden
     if hidden < experts:
         raise ConfigError(f"expert-routing: start=kmeans needs gate-hidden >= experts "

@@ -7,8 +7,8 @@ against a global state and reports, on the client's labelled data, the quality o
 
 * ``top1``: each example predicted by its highest-scoring downloaded expert alone;
 * ``mixture``: each example predicted by the gate's top-k mixture of the downloaded experts;
-* ``full``: the global mixture over every expert (what the server evaluates; it needs the
-  whole download);
+* ``full`` (optional): the global mixture over every expert (what the server evaluates;
+  it needs the whole download);
 
 and the bytes each download costs (lossless, as the server sends full states).
 """
@@ -33,7 +33,7 @@ class Personalization:
     examples: int
     top1: dict[str, float]
     mixture: dict[str, float]
-    full: dict[str, float]
+    full: dict[str, float] | None
     bytes_router: int  # gate + head, needed to choose
     bytes_experts: int  # the chosen experts only
     bytes_full: int  # the whole global state
@@ -49,11 +49,13 @@ def download_size(tensors: Tensors) -> int:
 
 
 def personalize(model: MixtureModel, state: Tensors, data: Encoded, *,
-                route_data: Encoded | None = None, experts: int | None = None) -> Personalization:
+                route_data: Encoded | None = None, experts: int | None = None,
+                compare_full: bool = True) -> Personalization:
     """Choose experts for ``route_data`` (default ``data``, labels unused) and evaluate on ``data``.
 
     ``model`` must already be configured with the run's options; ``experts`` overrides
-    how many experts the client downloads (default: the run's ``client-experts``).
+    how many experts the client downloads (default: the run's ``client-experts``);
+    ``compare_full`` also evaluates the mixture of all experts.
     Leaves ``model`` holding ``state`` with the unrestricted routing policy.
     """
     count = experts or model.config.client_experts
@@ -72,7 +74,7 @@ def personalize(model: MixtureModel, state: Tensors, data: Encoded, *,
         mixture = evaluate(model, data)
         model.set_policy(RoutingPolicy())
         model.load_adapter_state(state)
-        full = evaluate(model, data)
+        full = evaluate(model, data) if compare_full else None
     finally:
         model.set_policy(RoutingPolicy())
     return Personalization(chosen, len(data), top1, mixture, full, download_size(router),
