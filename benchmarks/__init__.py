@@ -1,0 +1,1 @@
+"""Benchmark scripts; each publishes ``benchmarks/results/NAME.json`` and its block of docs/benchmarks.md."""

@@ -1,0 +1,275 @@
+"""Wire formats side by side: accuracy, bytes up and down, and codec time per encoding.
+
+One federation per setting, same seed: 10 clients (Dirichlet 0.5) on AG News, 300
+training examples per client, 1000 test examples, LoRA rank 8 on query/value plus the
+head, FedIT, 1 local epoch, 10 rounds. The baseline ``fp32`` is what FlowerTune sends:
+dense fp32 both ways (``codec=fp32``, ``downlink-codec=fp32``). Every other setting
+changes the uplink ``codec`` (``ENCODING@DENSITY`` for top-k) and uses one downlink
+codec for all (``--downlink``, default the run-config default ``topk-ternary@0.1``),
+with error feedback on both sides as configured by default. Settings run in the order
+given, the baseline first; ``--reuse`` takes a setting's finished run of the identical
+config from its out directory instead of running it again (to finish an interrupted run).
+
+bytes_up / bytes_down are per client per round: the run's per-round totals over
+clients (summary.json) divided by the clients that trained, averaged over rounds 1..R.
+Round 1's downlink is nearly free for every setting (clients rebuild the seeded first
+version; the server sends a digest-checked empty difference). ratio_up / ratio_down
+divide the baseline's bytes, measured in the same invocation, by the setting's.
+encode_ms / decode_ms time :func:`pollinate.codec.encode` / ``decode`` (median of
+``--repeats``) on a real trained delta: the baseline's last global increment (the
+difference of its two newest checkpointed versions, exact because it is fp32 both ways).
+
+    python benchmarks/codec.py                                              # the full benchmark
+    python benchmarks/codec.py --rounds 2 --settings fp32,int8 --no-publish  # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from pollinate.codec import ENCODINGS, CodecSpec, Delta, DeltaHeader, decode, encode
+from pollinate.config import RunConfig
+from pollinate.deltas import diff
+from pollinate.server.rundir import RunDirectory
+from pollinate.simulations.launch import simulate
+from pollinate.simulations.report import RESULTS, publish
+from pollinate.spec import AdapterSpec, Tensors
+
+NAME = "codec"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+BASELINE = "fp32"
+# the order they run in: the settings the targets hinge on first
+SETTINGS = ("fp32", "topk-ternary@0.1", "topk-ternary@0.05", "int8", "topk-int8@0.1",
+            "topk-ternary@0.02", "int8-row", "fp16", "bf16")
+COLUMNS = ("setting", "encoding", "density", "downlink", "accuracy", "vs_fp32", "bytes_up", "bytes_down",
+           "ratio_up", "ratio_down", "encode_ms", "decode_ms", "target_up", "dropped", "minutes")
+TARGETS = ((50.0, 1.0), (20.0, 0.5))  # (uplink ratio, largest accuracy loss in points)
+console = Console(width=None if sys.stdout.isatty() else 200)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """An encoding and its top-k density (1.0 for dense encodings), written ``ENCODING[@DENSITY]``."""
+
+    encoding: str
+    density: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> Setting:
+        encoding, _, density = text.strip().partition("@")
+        if encoding not in ENCODINGS:
+            raise SystemExit(f"setting {text!r}: encoding must be one of {', '.join(ENCODINGS)}")
+        sparse = encoding.startswith("topk")
+        if sparse != bool(density):
+            raise SystemExit(f"setting {text!r}: top-k encodings need @DENSITY, dense ones take none")
+        try:
+            setting = cls(encoding, float(density or 1.0))
+            setting.spec  # noqa: B018 - validate the density now
+        except ValueError as err:
+            raise SystemExit(f"setting {text!r}: {err}") from err
+        return setting
+
+    @property
+    def label(self) -> str:
+        return f"{self.encoding}@{self.density:g}" if self.spec.sparse else self.encoding
+
+    @property
+    def spec(self) -> CodecSpec:
+        return CodecSpec(encoding=self.encoding, density=self.density)
+
+
+def run_config(args: argparse.Namespace, uplink: Setting, downlink: Setting) -> RunConfig:
+    return RunConfig.from_mapping({
+        "train-data": str(DATA / "ag_news" / "train.csv"), "test-data": str(DATA / "ag_news" / "test.csv"),
+        "num-clients": args.clients, "partition": "dirichlet", "dirichlet-alpha": 0.5,
+        "num-server-rounds": args.rounds, "max-train-examples": args.max_train_examples,
+        "test-examples": args.test_examples, "lora-rank": 8, "aggregator": "fedit", "local-epochs": 1,
+        "codec": uplink.encoding, "density": uplink.density,
+        "downlink-codec": downlink.encoding, "downlink-density": downlink.density,
+        "seed": args.seed, "out": str(Path(args.runs) / uplink.label), "resume": False,
+    }, allow_extra=False)
+
+
+def per_client(rounds: list[dict[str, Any]], key: str) -> int:
+    """Mean over rounds 1..R of the round's ``key`` total divided by the clients that trained."""
+    trained = [r for r in rounds if r["round"] > 0]
+    return round(sum(r[key] / max(r["clients"], 1) for r in trained) / len(trained))
+
+
+def finished(config: RunConfig) -> dict[str, Any] | None:
+    """The summary of a finished run of exactly ``config`` in its out directory, if there is one."""
+    path = Path(config.out) / "summary.json"
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    done = len(summary.get("rounds", [])) == config.num_server_rounds + 1
+    return summary if done and summary["config"] == json.loads(config.to_json()) else None
+
+
+def run_one(args: argparse.Namespace, uplink: Setting, downlink: Setting) -> dict[str, Any]:
+    config = run_config(args, uplink, downlink)
+    summary = finished(config) if args.reuse else None
+    if summary is not None:
+        console.print(f"reusing the finished run in {config.out}")
+    rounds = (summary or simulate(config))["rounds"]
+    return {"setting": uplink.label, "encoding": uplink.encoding, "density": uplink.density,
+            "downlink": downlink.label, "accuracy": rounds[-1]["accuracy"],
+            "bytes_up": per_client(rounds, "bytes_up"), "bytes_down": per_client(rounds, "bytes_down"),
+            "dropped": sum(len(r.get("dropped", [])) for r in rounds),
+            "minutes": sum(r.get("seconds", 0.0) for r in rounds) / 60,
+            "curve": [(r["round"], r["accuracy"]) for r in rounds]}
+
+
+def last_increment(out: str) -> Tensors:
+    """The newest global increment of a finished run: its two newest checkpointed versions' difference."""
+    checkpoint = RunDirectory(out).load_checkpoint()
+    if checkpoint is None or len(checkpoint.states) < 2:
+        raise SystemExit(f"{out} has no checkpoint with two versions to take a delta from")
+    old, new = sorted(checkpoint.states)[-2:]
+    return diff(checkpoint.states[new], checkpoint.states[old])
+
+
+def codec_ms(delta: Tensors, spec: CodecSpec, repeats: int) -> tuple[float, float]:
+    """Median milliseconds of ``encode`` and of ``decode`` (validating against the delta's spec)."""
+    adapter = AdapterSpec.of(delta)
+    message = Delta(DeltaHeader(round=1, base_version=1, target_version=2), delta)
+    encode_s, decode_s = [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        payload = encode(message, spec)
+        encode_s.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        decode(payload, adapter)
+        decode_s.append(time.perf_counter() - started)
+    return 1000 * statistics.median(encode_s), 1000 * statistics.median(decode_s)
+
+
+def target_met(ratio: float, loss_points: float) -> str:
+    """The strongest uplink target (``RATIOx/POINTSpt``) this row meets, or ``-``."""
+    for ratio_min, loss_max in TARGETS:
+        if ratio >= ratio_min and loss_points <= loss_max:
+            return f"{ratio_min:g}x/{loss_max:g}pt"
+    return "-"
+
+
+def compare(rows: list[dict[str, Any]], delta: Tensors, repeats: int) -> None:
+    """Add ratios and accuracy differences against the baseline row, and codec timings."""
+    base = next(r for r in rows if r["setting"] == BASELINE)
+    for row in rows:
+        row["vs_fp32"] = 100 * (row["accuracy"] - base["accuracy"])
+        row["ratio_up"] = base["bytes_up"] / row["bytes_up"]
+        row["ratio_down"] = base["bytes_down"] / row["bytes_down"]
+        row["target_up"] = target_met(row["ratio_up"], -row["vs_fp32"])
+        row["encode_ms"], row["decode_ms"] = codec_ms(delta, Setting(row["encoding"], row["density"]).spec,
+                                                      repeats)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    for row in rows:
+        marker = "s" if row["setting"] == BASELINE else "o"
+        left.scatter(row["bytes_up"], row["accuracy"], s=40, marker=marker)
+        left.annotate(row["setting"], (row["bytes_up"], row["accuracy"]), fontsize=8,
+                      xytext=(4, 4), textcoords="offset points")
+        right.plot(*zip(*row["curve"], strict=True), "o-", ms=3, label=row["setting"])
+    left.set_xscale("log")
+    left.set_xlabel("uplink bytes per client per round (log)")
+    left.set_ylabel("final test accuracy")
+    left.set_title("accuracy vs uplink bytes")
+    right.set_xlabel("round")
+    right.set_ylabel("test accuracy")
+    right.set_title("accuracy per round")
+    right.legend(fontsize=8)
+    fig.suptitle("AG News, 10 clients, Dirichlet 0.5, FedIT LoRA r=8: wire formats")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def table(rows: list[dict[str, Any]]) -> Table:
+    out = Table(title="wire formats (bytes per client per round)")
+    for column in COLUMNS:
+        out.add_column(column, justify="left" if column in ("setting", "encoding", "downlink",
+                                                           "target_up") else "right")
+    for row in rows:
+        out.add_row(*(f"{v:.4g}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
+                      for v in (row.get(c, "") for c in COLUMNS)))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", default=",".join(SETTINGS),
+                        help=f"uplink settings ENCODING[@DENSITY]; {BASELINE} (the baseline) always runs")
+    parser.add_argument("--downlink", default="topk-ternary@0.1",
+                        help="downlink codec of every setting but the baseline")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--max-train-examples", type=int, default=300)
+    parser.add_argument("--test-examples", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=21, help="encode/decode timings per setting")
+    parser.add_argument("--runs", default="runs/bench/codec")
+    parser.add_argument("--reuse", action="store_true",
+                        help="take a setting's finished run of the same config from its out directory")
+    parser.add_argument("--no-publish", action="store_true", help="smoke run: print, write nothing")
+    args = parser.parse_args()
+    if not (DATA / "ag_news" / "train.csv").exists():
+        raise SystemExit(f"AG News not found under {DATA}")
+    # Ray kills its workers once the *machine* passes 95% memory; on a shared machine other
+    # processes' memory would cost this run client updates (each shows in ``dropped``)
+    os.environ.setdefault("RAY_memory_usage_threshold", "0.98")
+    labels = [s for s in args.settings.split(",") if s.strip()]
+    settings = [Setting.parse(BASELINE)] + [s for s in map(Setting.parse, labels) if s.label != BASELINE]
+    downlink = Setting.parse(args.downlink)
+    rows = []
+    for i, setting in enumerate(settings, 1):
+        down = setting if setting.label == BASELINE else downlink
+        console.rule(f"[bold]run {i}/{len(settings)}: up {setting.label}, down {down.label}")
+        rows.append(run_one(args, setting, down))
+        console.print(f"[green]{setting.label}[/]: accuracy {rows[-1]['accuracy']:.4f}, "
+                      f"up {rows[-1]['bytes_up']:,} B, down {rows[-1]['bytes_down']:,} B, "
+                      f"{rows[-1]['minutes']:.1f} min")
+    compare(rows, last_increment(run_config(args, settings[0], settings[0]).out), args.repeats)
+    console.print(table(rows))
+    if args.no_publish:
+        return
+    png = plot(rows, RESULTS / f"{NAME}.png")
+    publish(NAME, [{k: v for k, v in r.items() if k != "curve"} for r in rows],
+            title="Wire formats: accuracy, bytes and codec time per encoding", columns=COLUMNS,
+            notes=(f"AG News, {args.clients} clients, Dirichlet 0.5, {args.rounds} rounds, "
+                   f"{args.max_train_examples} train examples per client, {args.test_examples} test "
+                   f"examples, FedIT, LoRA r=8 on query/value + head, 1 local epoch, seed {args.seed}. "
+                   f"`fp32` = dense fp32 up and down (the FlowerTune-style baseline); every other row "
+                   f"uses downlink {downlink.label}; error feedback on both sides. accuracy = final "
+                   "round; vs_fp32 = accuracy difference in points (one seed: 1000 test examples give "
+                   "a standard error of about 1.5 points). bytes = per client per round, mean over "
+                   "rounds 1..R (round 1's downlink is a near-empty seeded difference for every row). "
+                   "ratio = fp32 bytes / row bytes, same invocation. encode_ms / decode_ms = median of "
+                   f"{args.repeats} encode / decode calls on the fp32 run's last global increment "
+                   "(a real trained delta, the same tensors a client sends), on a shared CPU. "
+                   f"target_up: the strongest uplink target met (>= 50x at <= 1 point loss, "
+                   f">= 20x at <= 0.5 point). dropped = client updates lost over the run (e.g. an "
+                   "actor killed by Ray's memory monitor on the shared machine); bytes divide by the "
+                   "clients that trained. minutes = the federation's summed round times. "
+                   f"Plot: `benchmarks/results/{png.name}`."),
+            extra={"curves": {r["setting"]: r["curve"] for r in rows}})
+
+
+if __name__ == "__main__":
+    main()

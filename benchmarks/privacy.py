@@ -1,0 +1,250 @@
+"""Differential privacy on AG News: accuracy against epsilon, and the cost of DP-SGD on the CPU.
+
+10 clients (Dirichlet 0.5), 300 training examples per client, 1000 test examples, FedIT,
+the default codec (top-k ternary, density 0.1, error feedback), batch 32, one local
+epoch per round, one seed, the same hyperparameters for every setting (none tuned for
+DP). Settings:
+
+* ``none``: no DP, the baseline;
+* ``sample``: DP-SGD on every client at target epsilon 1, 3 and 8 (delta 1e-5) for the
+  whole run; the noise multiplier is solved per client from its data size;
+* ``client-central`` / ``client-local``: client-level DP at two noise multipliers. The
+  clipping norm C is the median L2 norm of one client's non-private update (one local
+  epoch), measured at the start of this run, so clipping keeps the typical update and
+  the noise is what the comparison is about.
+
+Local-training time: one client's epoch with the ordinary trainer and with DP-SGD (the
+same number of steps), alternated ``--timing-repeats`` times in this process, medians.
+The ``local_train_seconds`` of a row is the mean ``train-seconds`` its clients reported.
+
+    python benchmarks/privacy.py                                      # the full benchmark
+    python benchmarks/privacy.py --rounds 1 --settings none,sample-8 --no-publish   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from pollinate import data as datalib
+from pollinate.client.privacy import plan_for, train_private
+from pollinate.client.trainer import train
+from pollinate.config import RunConfig
+from pollinate.deltas import diff
+from pollinate.modeling import ModelSpec, build_model, pick_device
+from pollinate.privacy import Budget, l2_norm
+from pollinate.simulations.launch import simulate
+from pollinate.simulations.report import RESULTS, publish
+
+NAME = "privacy"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SETTINGS = ("none", "sample-1", "sample-3", "sample-8", "client-central-low", "client-central-high",
+            "client-local-low", "client-local-high")
+COLUMNS = ("setting", "target_epsilon", "epsilon", "noise_multiplier", "clip_norm", "accuracy", "vs_none",
+           "local_train_seconds", "device", "minutes")
+console = Console()
+
+
+def base_config(args: argparse.Namespace, **options: Any) -> RunConfig:
+    return RunConfig.from_mapping({
+        "train-data": str(DATA / "ag_news" / "train.csv"), "test-data": str(DATA / "ag_news" / "test.csv"),
+        "num-clients": args.clients, "partition": "dirichlet", "dirichlet-alpha": 0.5,
+        "num-server-rounds": args.rounds, "max-train-examples": args.max_train_examples,
+        "test-examples": args.test_examples, "batch-size": args.batch_size,
+        "learning-rate": args.learning_rate, "seed": args.seed, "resume": False, "delta": 1e-5,
+        **options}, allow_extra=False)
+
+
+def setting_options(setting: str, args: argparse.Namespace, clip_norm: float) -> dict[str, Any]:
+    """Run-config options of a named setting (see the module docstring)."""
+    if setting == "none":
+        return {"dp": "none"}
+    if setting.startswith("sample-"):
+        return {"dp": "sample", "target-epsilon": float(setting.removeprefix("sample-"))}
+    mode, level = setting.rsplit("-", 1)
+    noise = args.low_noise if level == "low" else args.high_noise
+    return {"dp": mode, "noise-multiplier": noise, "clip-norm": clip_norm,
+            "target-epsilon": float("inf")}  # report epsilon, never stop: the noise is the variable
+
+
+def time_local_training(args: argparse.Namespace) -> dict[str, Any]:
+    """One client's epoch, ordinary trainer vs DP-SGD (target epsilon 8), alternated; medians."""
+    config = base_config(args, out=str(Path(args.runs) / "timing"))
+    model = build_model(ModelSpec(num_labels=4))
+    table = datalib.client_table(config, datalib.train_table(config), 0, args.clients)
+    data = datalib.encode(table, model.tokenizer, config.task, config.max_length)
+    private = config.replace(dp="sample", target_epsilon=8.0)
+    plan = plan_for(private, len(data))
+    init = model.adapter_state()
+    plain_seconds, dp_seconds, norms = [], [], []
+    for repeat in range(args.timing_repeats):
+        model.load_adapter_state(init)
+        plain_seconds.append(train(model, data, config, seed=repeat).seconds)
+        norms.append(l2_norm(diff(model.adapter_state(), init)))
+        model.load_adapter_state(init)
+        dp_seconds.append(train_private(model, data, private, plan, Budget(8.0, 1e-5)).seconds)
+        console.print(f"timing {repeat + 1}/{args.timing_repeats}: plain {plain_seconds[-1]:.1f} s, "
+                      f"DP-SGD {dp_seconds[-1]:.1f} s ({plan.steps} steps, {len(data)} examples)")
+    plain, dp = statistics.median(plain_seconds), statistics.median(dp_seconds)
+    return {"plain_seconds": plain, "dp_seconds": dp, "ratio": dp / plain, "steps": plan.steps,
+            "examples": len(data), "update_norm": statistics.median(norms),
+            "all_plain_seconds": plain_seconds, "all_dp_seconds": dp_seconds}
+
+
+def cached(args: argparse.Namespace, name: str, compute: Any) -> dict[str, Any]:
+    """``compute()``, or its result from an earlier invocation with the same arguments.
+
+    The machine is shared and a run can be killed hours in; finished parts are kept in
+    ``--runs`` (``--fresh`` ignores them).
+    """
+    path = Path(args.runs) / f"{name}.json"
+    key = {k: v for k, v in vars(args).items() if k not in ("settings", "no_publish", "fresh")}
+    if path.exists() and not args.fresh:
+        saved = json.loads(path.read_text())
+        if saved["args"] == key:
+            console.print(f"[yellow]{name}: reusing {path}")
+            return saved["result"]
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"args": key, "result": result}))
+    return result
+
+
+def run_one(args: argparse.Namespace, setting: str, clip_norm: float) -> dict[str, Any]:
+    options = setting_options(setting, args, clip_norm)
+    config = base_config(args, out=str(Path(args.runs) / setting), **options)
+    started = time.perf_counter()
+    summary = simulate(config, num_cpus=args.num_cpus)
+    records = [json.loads(line) for line in (Path(config.out) / "metrics.jsonl").read_text().splitlines()]
+    failed = [d["reason"] for r in records[1:] for d in r.get("dropped", [])
+              if not d["reason"].startswith("client exhausted")]
+    if failed:  # a crashed or killed client makes the run a different experiment: do not publish it
+        raise RuntimeError(f"{setting}: {len(failed)} client updates were lost, e.g. {failed[0][:300]}")
+    clients = [c for r in records[1:] for c in r.get("client_metrics", []) if c.get("status") == "ok"]
+    final = summary["rounds"][-1]
+    if config.dp == "client-central":
+        noise = config.noise_multiplier
+    else:
+        noises = [c["noise-multiplier"] for c in clients if "noise-multiplier" in c]
+        noise = statistics.mean(noises) if noises else None
+    return {"setting": config.dp, "name": setting,
+            "target_epsilon": config.target_epsilon if config.dp == "sample" else None,
+            "epsilon": final.get("epsilon"), "noise_multiplier": noise,
+            "clip_norm": config.clip_norm if config.dp.startswith("client") else
+            (config.max_grad_norm if config.dp == "sample" else None),
+            "accuracy": final["accuracy"],
+            "local_train_seconds": statistics.mean(c["train-seconds"] for c in clients),
+            "device": str(pick_device(config.device)), "minutes": (time.perf_counter() - started) / 60,
+            "exhausted_clients": len(summary["exhausted_clients"]),
+            "curve": [(r["round"], r["accuracy"]) for r in summary["rounds"]]}
+
+
+def plot(rows: list[dict[str, Any]], timing: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [2, 1]})
+    for row in rows:
+        eps = row["epsilon"]
+        label = row["name"] + ("" if eps is None else f" (eps {eps:.3g})")
+        left.plot([c[0] for c in row["curve"]], [c[1] for c in row["curve"]], "o-", ms=3, label=label)
+    left.set_xlabel("round")
+    left.set_ylabel("test accuracy (AG News)")
+    left.legend(fontsize=8)
+    right.bar(["ordinary", "DP-SGD"], [timing["plain_seconds"], timing["dp_seconds"]])
+    right.set_ylabel(f"seconds per local epoch ({timing['examples']} examples, CPU)")
+    right.set_title(f"DP-SGD / ordinary = {timing['ratio']:.2f}x")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def table(rows: list[dict[str, Any]]) -> Table:
+    out = Table(title="differential privacy on AG News")
+    for column in COLUMNS:
+        out.add_column(column, justify="left" if column in ("setting", "device") else "right")
+    for row in rows:
+        out.add_row(*("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+                      for v in (row.get(c) for c in COLUMNS)))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--max-train-examples", type=int, default=300)
+    parser.add_argument("--test-examples", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float, default=5e-3)
+    parser.add_argument("--low-noise", type=float, default=0.1, help="client-level noise multiplier")
+    parser.add_argument("--high-noise", type=float, default=1.0, help="client-level noise multiplier")
+    parser.add_argument("--timing-repeats", type=int, default=3)
+    parser.add_argument("--num-cpus", type=int, default=1,
+                        help="Ray CPUs, i.e. concurrent client actors (each holds a model in memory)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runs", default="runs/bench/privacy")
+    parser.add_argument("--no-publish", action="store_true", help="smoke run: print, write nothing")
+    parser.add_argument("--fresh", action="store_true", help="recompute parts finished by an earlier run")
+    args = parser.parse_args()
+    if not (DATA / "ag_news" / "train.csv").exists():
+        raise SystemExit(f"datasets not found under {DATA}")
+    settings = args.settings.split(",")
+    unknown = set(settings) - set(SETTINGS)
+    if unknown:
+        raise SystemExit(f"unknown settings {sorted(unknown)}; known: {', '.join(SETTINGS)}")
+    console.rule("[bold]local training time, ordinary vs DP-SGD")
+    timing = cached(args, "timing", lambda: time_local_training(args))
+    clip_norm = timing["update_norm"]
+    console.print(f"DP-SGD / ordinary = {timing['ratio']:.2f}x; client-level clip-norm = median update "
+                  f"norm {clip_norm:.4g}")
+    rows = []
+    for i, setting in enumerate(settings, 1):
+        console.rule(f"[bold]run {i}/{len(settings)}: {setting}")
+        rows.append(cached(args, setting, lambda s=setting: run_one(args, s, clip_norm)))
+        console.print(f"[green]{setting}[/]: accuracy {rows[-1]['accuracy']:.4f}, epsilon "
+                      f"{rows[-1]['epsilon']}, {rows[-1]['minutes']:.1f} min")
+    baseline = next((r["accuracy"] for r in rows if r["setting"] == "none"), None)
+    for row in rows:
+        row["vs_none"] = None if baseline is None else 100 * (row["accuracy"] - baseline)
+    console.print(table(rows))
+    if args.no_publish:
+        return
+    png = plot(rows, timing, RESULTS / f"{NAME}.png")
+    eight = next((r for r in rows if r["name"] == "sample-8"), None)
+    goal = "" if eight is None or baseline is None else (
+        f"Goal epsilon 8 within 3 points of no DP: {eight['vs_none']:+.1f} points "
+        f"({'met' if eight['vs_none'] >= -3 else 'not met'}). ")
+    publish(NAME, [{k: v for k, v in r.items() if k != "curve"} for r in rows],
+            title="Differential privacy: accuracy vs epsilon, DP-SGD cost (AG News)", columns=COLUMNS,
+            notes=(f"{args.clients} clients, Dirichlet 0.5, {args.rounds} rounds, "
+                   f"{args.max_train_examples} train examples per client, {args.test_examples} test "
+                   f"examples, FedIT, default codec, batch {args.batch_size}, learning rate "
+                   f"{args.learning_rate}, one local epoch, one seed ({args.seed}), delta 1e-5. "
+                   "epsilon = the final round's (sample/client-local: the largest a client reported; "
+                   "client-central: the server's accountant); noise_multiplier = mean over clients "
+                   "(sample-level noise is solved per client from its data size). client-level "
+                   f"clip-norm = median norm of a non-private local update ({clip_norm:.3g}). {goal}"
+                   f"Local training time, one client's epoch ({timing['examples']} examples, "
+                   f"{timing['steps']} steps, CPU, median of {args.timing_repeats} alternated runs): "
+                   f"ordinary {timing['plain_seconds']:.2f} s, DP-SGD {timing['dp_seconds']:.2f} s, "
+                   f"ratio {timing['ratio']:.2f}x (goal <= 2x: "
+                   f"{'met' if timing['ratio'] <= 2 else 'not met'}). local_train_seconds per row = "
+                   "mean seconds per client-round inside the simulation (shared CPU, noisier). "
+                   f"Plot: `benchmarks/results/{png.name}`. See docs/privacy.md."),
+            extra={"timing": timing, "curves": {r["name"]: r["curve"] for r in rows}})
+
+
+if __name__ == "__main__":
+    main()

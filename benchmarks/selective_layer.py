@@ -1,0 +1,244 @@
+"""Selective layer fine-tuning: regulated vs gradient vs random selection vs all layers at equal bytes.
+
+10 clients (Dirichlet 0.3) on AG News and BANKING77; half the clients train 2 of the 6
+MiniLM layers, half all 6 (``budgets=2:6``, cycled over partition ids). The selective
+policies run at LoRA rank ``--rank``; ``all`` trains every layer of every client at the
+rank that sends the same number of LoRA parameters per round:
+
+    all_rank = rank * mean(budget) / layers      (12 * 4 / 6 = 8)
+
+so sum over clients of (layers sent x rank) is equal, and with top-k at a fixed density
+the uplink bytes are too (the table shows the measured ratio). ``lora-alpha`` is 2 x
+rank in every run so the LoRA scaling is the same. Prints a table, writes
+``benchmarks/results/selective_layer.json`` (via publish), ``selective_layer.png``
+(accuracy against cumulative uplink bytes) and the regulated runs' selection heatmaps.
+
+    python benchmarks/selective_layer.py                 # the full benchmark
+    python benchmarks/selective_layer.py --rounds 2 --datasets ag_news --no-publish   # smoke
+
+Each run is a child process; one in which any client is dropped (Ray kills actors when
+the shared machine runs low on memory) is stopped at once and rerun, up to 3 attempts.
+``--reuse`` takes complete runs of the same config from the run directories of an
+interrupted invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from pollinate.aggregators.selective_layer import HEATMAP
+from pollinate.config import RunConfig
+from pollinate.server.rundir import RunDirectory
+from pollinate.simulations.report import RESULTS, publish
+
+NAME = "selective_layer"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+POLICIES = ("regulated", "gradient", "random", "all")
+LAYERS = 6  # MiniLM-L6
+ATTEMPTS = 3
+CHILD = ("import sys; from pollinate.config import RunConfig; "
+         "from pollinate.simulations.launch import simulate; simulate(RunConfig.from_json(sys.argv[1]))")
+COLUMNS = ("dataset", "policy", "rank", "layers_per_client", "accuracy", "best_accuracy", "bytes_up",
+           "bytes_up_vs_all", "accuracy_vs_all")
+console = Console(width=160)
+
+
+def budgets_of(text: str, clients: int) -> list[int]:
+    entries = [int(b) for b in text.split(":")]
+    return [entries[i % len(entries)] for i in range(clients)]
+
+
+def matched_rank(rank: int, budgets: list[int]) -> int:
+    """The rank at which training every layer sends as many LoRA parameters as ``budgets`` at ``rank``."""
+    units = rank * sum(budgets)
+    if units % (LAYERS * len(budgets)):
+        raise SystemExit(f"rank {rank} with budgets {budgets} has no equal-parameter rank for 'all'; "
+                         "choose a rank divisible accordingly")
+    return units // (LAYERS * len(budgets))
+
+
+def run_config(args: argparse.Namespace, dataset: str, policy: str, rank: int) -> RunConfig:
+    options = f"policy={policy}" + ("" if policy == "all" else f",budgets={args.budgets}")
+    return RunConfig(
+        train_data=str(DATA / dataset / "train.csv"), test_data=str(DATA / dataset / "test.csv"),
+        num_clients=args.clients, partition="dirichlet", dirichlet_alpha=0.3,
+        num_server_rounds=args.rounds, max_train_examples=args.max_train_examples,
+        test_examples=args.test_examples, lora_rank=rank, lora_alpha=2.0 * rank,
+        aggregator="selective-layer", aggregator_options=options, seed=args.seed,
+        out=str(Path(args.runs) / f"{dataset}-{policy}"), resume=False)
+
+
+def complete(summary: dict[str, Any] | None, config: RunConfig) -> bool:
+    """Every round ran with every client (on a shared machine Ray may kill actors for memory)."""
+    if summary is None or summary.get("config") != config.to_mapping():
+        return False
+    rounds = summary["rounds"]
+    return len(rounds) == config.num_server_rounds + 1 and all(
+        not r.get("dropped") and r["clients"] == config.num_clients for r in rounds[1:])
+
+
+def previous(config: RunConfig) -> dict[str, Any] | None:
+    """The summary of a finished run of exactly this config in its run directory, if any."""
+    path = Path(config.out) / "summary.json"
+    summary = json.loads(path.read_text()) if path.exists() else None
+    return summary if complete(summary, config) else None
+
+
+def watched_simulation(config: RunConfig) -> dict[str, Any] | None:
+    """Run ``config`` in a child process; stop it as soon as a round drops a client.
+
+    On this shared machine Ray kills client actors when memory runs low, and the run then
+    limps on with one client; waiting for its end would cost the rest of the run.
+    """
+    shutil.rmtree(config.out, ignore_errors=True)
+    child = subprocess.Popen([sys.executable, "-c", CHILD, config.to_json()], start_new_session=True)
+    while child.poll() is None:
+        time.sleep(15)
+        try:
+            dropped = any(r.get("dropped") for r in RunDirectory(config.out).read_metrics())
+        except ValueError:  # a line being written
+            dropped = False
+        if dropped:
+            os.killpg(child.pid, signal.SIGTERM)
+            child.wait()
+            return None
+    path = Path(config.out) / "summary.json"
+    return json.loads(path.read_text()) if child.returncode == 0 and path.exists() else None
+
+
+def run_one(args: argparse.Namespace, dataset: str, policy: str, rank: int) -> dict[str, Any]:
+    config = run_config(args, dataset, policy, rank)
+    summary = previous(config) if args.reuse else None
+    if summary is not None:
+        console.print(f"reusing the finished run in {config.out}")
+    for attempt in range(1, ATTEMPTS + 1):
+        if summary is not None:
+            break
+        summary = watched_simulation(config)
+        if not complete(summary, config):
+            console.print(f"[yellow]attempt {attempt} failed or dropped clients; see {config.out}")
+            summary = None
+    if summary is None:
+        raise SystemExit(f"{dataset}/{policy}: no complete run in {ATTEMPTS} attempts")
+    rounds = RunDirectory(config.out).read_metrics()[1:]
+    accuracies = [r["accuracy"] for r in summary["rounds"]]
+    return {
+        "dataset": dataset, "policy": policy, "rank": rank,
+        "layers_per_client": sum(r["aggregator"]["layers_per_client"] for r in rounds) / len(rounds),
+        "accuracy": accuracies[-1], "best_accuracy": max(accuracies),
+        "bytes_up": sum(r["bytes_up"] for r in summary["rounds"]),
+        "bytes_down": sum(r["bytes_down"] for r in summary["rounds"]),
+        "curve": [(r["round"], r["accuracy"], r["bytes_up"]) for r in summary["rounds"]],
+        "out": config.out,
+    }
+
+
+def compare_to_all(rows: list[dict[str, Any]]) -> None:
+    baseline = {r["dataset"]: r for r in rows if r["policy"] == "all"}
+    for row in rows:
+        base = baseline.get(row["dataset"])
+        if base:
+            row["bytes_up_vs_all"] = row["bytes_up"] / base["bytes_up"]
+            row["accuracy_vs_all"] = row["accuracy"] - base["accuracy"]
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = sorted({r["dataset"] for r in rows})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.2), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        for row in (r for r in rows if r["dataset"] == dataset):
+            sent, xs, ys = 0, [], []
+            for _, accuracy, up in row["curve"]:
+                sent += up
+                xs.append(sent / 2**20)
+                ys.append(accuracy)
+            ax.plot(xs, ys, "o-", ms=3, label=f"{row['policy']} (rank {row['rank']})")
+        ax.set_title(dataset)
+        ax.set_xlabel("cumulative uplink (MiB, all clients)")
+        ax.set_ylabel("test accuracy")
+        ax.legend()
+    fig.suptitle("selective layers (budgets 2 or 6 of 6 layers) vs all layers at equal bytes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def table(rows: list[dict[str, Any]]) -> Table:
+    out = Table(title="selective layer fine-tuning")
+    for column in COLUMNS:
+        out.add_column(column, justify="left" if column in ("dataset", "policy") else "right")
+    for row in rows:
+        out.add_row(*(f"{v:.4g}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
+                      for v in (row.get(c, "") for c in COLUMNS)))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", default="ag_news,banking77")
+    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--budgets", default="2:6")
+    parser.add_argument("--rank", type=int, default=12)
+    parser.add_argument("--max-train-examples", type=int, default=300)
+    parser.add_argument("--test-examples", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runs", default="runs/bench/selective_layer")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse finished, complete runs of the same config found in --runs")
+    parser.add_argument("--no-publish", action="store_true", help="smoke run: print, write nothing")
+    args = parser.parse_args()
+    if not (DATA / "ag_news" / "train.csv").exists():
+        raise SystemExit(f"datasets not found under {DATA}")
+    all_rank = matched_rank(args.rank, budgets_of(args.budgets, args.clients))
+    rows = []
+    runs = [(d, p) for d in args.datasets.split(",") for p in args.policies.split(",")]
+    for i, (dataset, policy) in enumerate(runs, 1):
+        rank = all_rank if policy == "all" else args.rank
+        console.rule(f"[bold]run {i}/{len(runs)}: {dataset}, policy {policy}, rank {rank}")
+        rows.append(run_one(args, dataset, policy, rank))
+        console.print(f"accuracy {rows[-1]['accuracy']:.4f}, uplink {rows[-1]['bytes_up']:,} B")
+    compare_to_all(rows)
+    console.print(table(rows))
+    if args.no_publish:
+        return
+    png = plot(rows, RESULTS / f"{NAME}.png")
+    for row in rows:
+        if row["policy"] == "regulated":
+            shutil.copy(Path(row["out"]) / HEATMAP, RESULTS / f"{NAME}_heatmap_{row['dataset']}.png")
+    publish(NAME, [{k: v for k, v in r.items() if k not in ("curve", "out")} for r in rows],
+            title="Selective layer fine-tuning (Sun et al. 2024) at equal uplink bytes",
+            columns=COLUMNS,
+            notes=(f"10 clients, Dirichlet 0.3, {args.rounds} rounds, {args.max_train_examples} train "
+                   f"examples per client, {args.test_examples} test examples, one seed ({args.seed}). "
+                   f"Budgets {args.budgets} layers of 6 (cycled over clients) for regulated/gradient/"
+                   f"random at rank {args.rank}; `all` trains every layer at rank {all_rank}, which "
+                   "sends the same number of LoRA parameters per round (rank x layers summed over "
+                   "clients), so bytes_up_vs_all is close to 1. accuracy = final round; "
+                   "accuracy_vs_all = accuracy - the equal-bytes `all` accuracy. "
+                   f"Plot: `benchmarks/results/{png.name}`; layer heatmaps of the regulated runs: "
+                   f"`benchmarks/results/{NAME}_heatmap_*.png`."),
+            extra={"curves": {f"{r['dataset']}/{r['policy']}": r["curve"] for r in rows}})
+
+
+if __name__ == "__main__":
+    main()
