@@ -26,8 +26,8 @@ Which experts a client trains (``choice``), from round 2 on:
   scores, greedily by score under equal capacity ``ceil(clients * client-experts / E)``
   per expert, and sends them in the round's instructions. Letting every client take its
   own top experts lets a popular expert attract everyone (each client's routing loss
-  makes it more popular still: measured on BANKING77, one expert ended with 79% of the
-  gate mass); capacity makes experts split the clients by affinity, like balanced k-means.
+  makes it more popular still: in a BANKING77 run, one expert ended with 79% of the gate
+  mass); capacity makes experts split the clients by affinity, like balanced k-means.
 * ``gate``: each client takes its own top experts (FedJETs).
 
 Round 1, and clients the server has no scores for (``start``):

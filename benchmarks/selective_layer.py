@@ -17,9 +17,9 @@ rank in every run so the LoRA scaling is the same. Prints a table, writes
     python benchmarks/selective_layer.py --rounds 2 --datasets ag_news --no-publish   # smoke
 
 Each run is a child process; one in which any client is dropped (Ray kills actors when
-the shared machine runs low on memory) is stopped at once and rerun, up to 3 attempts.
-``--reuse`` takes complete runs of the same config from the run directories of an
-interrupted invocation.
+the shared machine runs low on memory) is stopped at once and rerun (up to 6 attempts,
+each once 6 GiB are free). ``--reuse`` takes complete runs of the same config from
+the run directories of an interrupted invocation.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ NAME = "selective_layer"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 POLICIES = ("regulated", "gradient", "random", "all")
 LAYERS = 6  # MiniLM-L6
-ATTEMPTS = 3
+ATTEMPTS = 6
+MEMORY_NEEDED = 6 * 2**30  # bytes free before a run starts: server + two client actors
 CHILD = ("import sys; from pollinate.config import RunConfig; "
          "from pollinate.simulations.launch import simulate; simulate(RunConfig.from_json(sys.argv[1]))")
 COLUMNS = ("dataset", "policy", "rank", "layers_per_client", "accuracy", "best_accuracy", "bytes_up",
@@ -96,6 +97,16 @@ def previous(config: RunConfig) -> dict[str, Any] | None:
     return summary if complete(summary, config) else None
 
 
+def wait_for_memory(need: int = MEMORY_NEEDED, patience: float = 1800.0) -> None:
+    """Start a run only when the machine has room for it (up to ``patience`` seconds)."""
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline:
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        if int(fields["MemAvailable"].split()[0]) * 1024 >= need:
+            return
+        time.sleep(30)
+
+
 def watched_simulation(config: RunConfig) -> dict[str, Any] | None:
     """Run ``config`` in a child process; stop it as soon as a round drops a client.
 
@@ -103,6 +114,7 @@ def watched_simulation(config: RunConfig) -> dict[str, Any] | None:
     limps on with one client; waiting for its end would cost the rest of the run.
     """
     shutil.rmtree(config.out, ignore_errors=True)
+    wait_for_memory()
     child = subprocess.Popen([sys.executable, "-c", CHILD, config.to_json()], start_new_session=True)
     while child.poll() is None:
         time.sleep(15)
