@@ -77,7 +77,7 @@ def run_one(args: argparse.Namespace, dataset: str, system: str) -> dict[str, An
         curve = [(epoch, h["accuracy"], 0, 0) for epoch, h in enumerate(history)]
         ranks = str(args.central_rank)
     else:
-        rounds = simulate_retrying_oom(config, args.retries)
+        rounds = simulate_retrying_oom(config, args.retries, args.cpus)
         curve = [(r["round"], r["accuracy"], r["bytes_up"], r["bytes_down"]) for r in rounds]
         ranks = config.rank_profile or str(config.lora_rank)
         reasons.update(drop_kind(d["reason"]) for r in rounds for d in r.get("dropped", []))
@@ -94,10 +94,10 @@ def drop_kind(reason: str) -> str:
     return reason.split(":", 1)[0]
 
 
-def simulate_retrying_oom(config: RunConfig, retries: int) -> list[dict[str, Any]]:
+def simulate_retrying_oom(config: RunConfig, retries: int, cpus: int) -> list[dict[str, Any]]:
     """The run's rounds; rerun when Ray killed a client for memory (the machine is shared)."""
     for attempt in range(retries + 1):
-        rounds = simulate(config)["rounds"]
+        rounds = simulate(config, num_cpus=cpus or None)["rounds"]
         if not any("OutOfMemoryError" in d["reason"] for r in rounds for d in r.get("dropped", [])):
             break
         console.print(f"[yellow]a client was killed for memory (attempt {attempt + 1})[/]")
@@ -172,6 +172,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs", default="runs/bench/aggregators")
     parser.add_argument("--retries", type=int, default=2, help="reruns of a run that lost a client to OOM")
+    parser.add_argument("--cpus", type=int, default=0,
+                        help="Ray CPUs, i.e. clients training at once (0 = all cores; 1 halves memory)")
     parser.add_argument("--no-publish", action="store_true", help="smoke run: print, write nothing")
     args = parser.parse_args()
     if not (DATA / "ag_news" / "train.csv").exists():
