@@ -32,12 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from pollinate.config import RunConfig
 from pollinate.simulations.centralised import train_centralised
 from pollinate.simulations.launch import simulate
-from pollinate.simulations.report import RESULTS, publish
+from pollinate.simulations.report import RESULTS, federation_arguments, publish, rich_table
 
 NAME = "aggregators"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -147,34 +146,20 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def table(rows: list[dict[str, Any]]) -> Table:
-    out = Table(title="aggregators under heterogeneous ranks")
-    for column in COLUMNS:
-        out.add_column(column, justify="left" if column in ("dataset", "aggregator", "ranks") else "right")
-    for row in rows:
-        out.add_row(*(f"{v:.4g}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
-                      for v in (row.get(c, "") for c in COLUMNS)))
-    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default="ag_news,banking77")
     parser.add_argument("--systems", default=",".join(SYSTEMS))
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--profile", default=PROFILE, help="client LoRA ranks (rank-profile)")
     parser.add_argument("--ffa-rank", type=int, default=16)
     parser.add_argument("--central-rank", type=int, default=64)
     parser.add_argument("--codec", default="int8-row", help="uplink and downlink codec of every run")
-    parser.add_argument("--max-train-examples", type=int, default=300)
-    parser.add_argument("--test-examples", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--runs", default="runs/bench/aggregators")
     parser.add_argument("--retries", type=int, default=2, help="reruns of a run that lost a client to OOM")
     parser.add_argument("--cpus", type=int, default=0,
                         help="Ray CPUs, i.e. clients training at once (0 = all cores; 1 halves memory)")
-    parser.add_argument("--no-publish", action="store_true", help="smoke run: print, write nothing")
+    federation_arguments(parser, runs="runs/bench/aggregators")
     args = parser.parse_args()
     if not (DATA / "ag_news" / "train.csv").exists():
         raise SystemExit(f"datasets not found under {DATA}")
@@ -189,7 +174,8 @@ def main() -> None:
         console.print(f"[green]{dataset} {system}[/]: accuracy {rows[-1]['accuracy']:.4f}, "
                       f"{rows[-1]['minutes']:.1f} min")
     compare(rows)
-    console.print(table(rows))
+    console.print(rich_table(rows, COLUMNS, title="aggregators under heterogeneous ranks",
+                             left=("dataset", "aggregator", "ranks")))
     if args.no_publish:
         return
     png = plot(rows, RESULTS / f"{NAME}.png")

@@ -36,14 +36,13 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from pollinate.codec import ENCODINGS, CodecSpec, Delta, DeltaHeader, decode, encode
 from pollinate.config import RunConfig
 from pollinate.deltas import diff
 from pollinate.server.rundir import RunDirectory
 from pollinate.simulations.launch import simulate
-from pollinate.simulations.report import RESULTS, publish
+from pollinate.simulations.report import RESULTS, federation_arguments, publish, rich_table
 from pollinate.spec import AdapterSpec, Tensors
 
 NAME = "codec"
@@ -201,15 +200,6 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def table(rows: list[dict[str, Any]]) -> Table:
-    out = Table(title="wire formats (bytes per client per round)")
-    for column in COLUMNS:
-        out.add_column(column, justify="left" if column in ("setting", "encoding", "downlink",
-                                                           "target_up") else "right")
-    for row in rows:
-        out.add_row(*(f"{v:.4g}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
-                      for v in (row.get(c, "") for c in COLUMNS)))
-    return out
 
 
 def main() -> None:
@@ -218,16 +208,10 @@ def main() -> None:
                         help=f"uplink settings ENCODING[@DENSITY]; {BASELINE} (the baseline) always runs")
     parser.add_argument("--downlink", default="topk-ternary@0.1",
                         help="downlink codec of every setting but the baseline")
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--max-train-examples", type=int, default=300)
-    parser.add_argument("--test-examples", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=21, help="encode/decode timings per setting")
-    parser.add_argument("--runs", default="runs/bench/codec")
     parser.add_argument("--reuse", action="store_true",
                         help="take a setting's finished run of the same config from its out directory")
-    parser.add_argument("--no-publish", action="store_true", help="smoke run: print, write nothing")
+    federation_arguments(parser, runs="runs/bench/codec")
     args = parser.parse_args()
     if not (DATA / "ag_news" / "train.csv").exists():
         raise SystemExit(f"AG News not found under {DATA}")
@@ -246,7 +230,8 @@ def main() -> None:
                       f"up {rows[-1]['bytes_up']:,} B, down {rows[-1]['bytes_down']:,} B, "
                       f"{rows[-1]['minutes']:.1f} min")
     compare(rows, last_increment(run_config(args, settings[0], settings[0]).out), args.repeats)
-    console.print(table(rows))
+    console.print(rich_table(rows, COLUMNS, title="wire formats (bytes per client per round)",
+                             left=("setting", "encoding", "downlink", "target_up")))
     if args.no_publish:
         return
     png = plot(rows, RESULTS / f"{NAME}.png")

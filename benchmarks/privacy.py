@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from pollinate import data as datalib
 from pollinate.client.privacy import plan_for, train_private
@@ -41,7 +40,7 @@ from pollinate.deltas import diff
 from pollinate.modeling import ModelSpec, build_model, pick_device
 from pollinate.privacy import Budget, l2_norm
 from pollinate.simulations.launch import simulate
-from pollinate.simulations.report import RESULTS, publish
+from pollinate.simulations.report import RESULTS, federation_arguments, publish, rich_table
 
 NAME = "privacy"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -169,23 +168,11 @@ def plot(rows: list[dict[str, Any]], timing: dict[str, Any], path: Path) -> Path
     return path
 
 
-def table(rows: list[dict[str, Any]]) -> Table:
-    out = Table(title="differential privacy on AG News")
-    for column in COLUMNS:
-        out.add_column(column, justify="left" if column in ("setting", "device") else "right")
-    for row in rows:
-        out.add_row(*("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
-                      for v in (row.get(c) for c in COLUMNS)))
-    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", default=",".join(SETTINGS))
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--max-train-examples", type=int, default=300)
-    parser.add_argument("--test-examples", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=5e-3)
     parser.add_argument("--low-noise", type=float, default=0.1, help="client-level noise multiplier")
@@ -193,10 +180,8 @@ def main() -> None:
     parser.add_argument("--timing-repeats", type=int, default=3)
     parser.add_argument("--num-cpus", type=int, default=1,
                         help="Ray CPUs, i.e. concurrent client actors (each holds a model in memory)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--runs", default="runs/bench/privacy")
-    parser.add_argument("--no-publish", action="store_true", help="smoke run: print, write nothing")
     parser.add_argument("--fresh", action="store_true", help="recompute parts finished by an earlier run")
+    federation_arguments(parser, runs="runs/bench/privacy")
     args = parser.parse_args()
     if not (DATA / "ag_news" / "train.csv").exists():
         raise SystemExit(f"datasets not found under {DATA}")
@@ -218,7 +203,8 @@ def main() -> None:
     baseline = next((r["accuracy"] for r in rows if r["setting"] == "none"), None)
     for row in rows:
         row["vs_none"] = None if baseline is None else 100 * (row["accuracy"] - baseline)
-    console.print(table(rows))
+    console.print(rich_table(rows, COLUMNS, title="differential privacy on AG News",
+                             left=("setting", "device")))
     if args.no_publish:
         return
     png = plot(rows, timing, RESULTS / f"{NAME}.png")

@@ -36,12 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from pollinate.aggregators.selective_layer import HEATMAP
 from pollinate.config import RunConfig
 from pollinate.server.rundir import RunDirectory
-from pollinate.simulations.report import RESULTS, publish
+from pollinate.simulations.report import RESULTS, federation_arguments, publish, rich_table
 
 NAME = "selective_layer"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -193,31 +192,17 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def table(rows: list[dict[str, Any]]) -> Table:
-    out = Table(title="selective layer fine-tuning")
-    for column in COLUMNS:
-        out.add_column(column, justify="left" if column in ("dataset", "policy") else "right")
-    for row in rows:
-        out.add_row(*(f"{v:.4g}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
-                      for v in (row.get(c, "") for c in COLUMNS)))
-    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default="ag_news,banking77")
     parser.add_argument("--policies", default=",".join(POLICIES))
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--budgets", default="2:6")
     parser.add_argument("--rank", type=int, default=12)
-    parser.add_argument("--max-train-examples", type=int, default=300)
-    parser.add_argument("--test-examples", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--runs", default="runs/bench/selective_layer")
     parser.add_argument("--reuse", action="store_true",
                         help="reuse finished, complete runs of the same config found in --runs")
-    parser.add_argument("--no-publish", action="store_true", help="smoke run: print, write nothing")
+    federation_arguments(parser, runs="runs/bench/selective_layer")
     args = parser.parse_args()
     if not (DATA / "ag_news" / "train.csv").exists():
         raise SystemExit(f"datasets not found under {DATA}")
@@ -230,7 +215,8 @@ def main() -> None:
         rows.append(run_one(args, dataset, policy, rank))
         console.print(f"accuracy {rows[-1]['accuracy']:.4f}, uplink {rows[-1]['bytes_up']:,} B")
     compare_to_all(rows)
-    console.print(table(rows))
+    console.print(rich_table(rows, COLUMNS, title="selective layer fine-tuning",
+                             left=("dataset", "policy")))
     if args.no_publish:
         return
     png = plot(rows, RESULTS / f"{NAME}.png")

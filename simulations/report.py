@@ -9,6 +9,7 @@ against two benchmarks finishing at once).
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import fcntl
 import json
@@ -20,6 +21,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -73,3 +76,30 @@ def publish(name: str, rows: list[dict[str, Any]], *, title: str, columns: Seque
         text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block
         DOCS.write_text(text.rstrip() + "\n")
     return path
+
+
+def rich_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], *, title: str,
+               left: Sequence[str] = ()) -> Table:
+    """The rows as a rich table for the terminal: ``left`` columns left-aligned, others right."""
+    out = Table(title=title)
+    for column in columns:
+        out.add_column(column, justify="left" if column in left else "right")
+    for row in rows:
+        out.add_row(*("" if v is None else f"{v:.4g}" if isinstance(v, float)
+                      else f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
+                      for v in (row.get(c) for c in columns)))
+    return out
+
+
+def federation_arguments(parser: argparse.ArgumentParser, *, runs: str, examples: int = 300,
+                         test_examples: int = 1000) -> argparse.ArgumentParser:
+    """The scenario options every federated benchmark shares (sizes, seed, where runs go)."""
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--max-train-examples", type=int, default=examples,
+                        help="training examples per client")
+    parser.add_argument("--test-examples", type=int, default=test_examples)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runs", default=runs, help="where each federation writes its run directory")
+    parser.add_argument("--no-publish", action="store_true", help="smoke run: print, write nothing")
+    return parser
