@@ -225,8 +225,9 @@ def notes(rows: list[dict[str, Any]], config: RunConfig) -> str:
              f"(Dirichlet {config.dirichlet_alpha}), {config.test_examples} test examples, LoRA r="
              f"{config.lora_rank} on {config.target_modules} + head, lr {config.learning_rate}, batch "
              f"{config.batch_size}, {config.local_epochs} local epoch, {config.num_server_rounds} rounds, "
-             f"precision {config.precision} (fp32 on a CPU). Variants of pollinate change one thing: "
-             f"{'; '.join(f'{name} sets {_options(opts)}' for name, opts in VARIANTS.items())}. "
+             f"precision {config.precision} (fp32 on a CPU). "
+             + "".join(f"{name} is pollinate with {_options(opts)}. " for name, opts in VARIANTS.items()
+                       if name in systems) +
              f"By default pollinate sends {config.codec} "
              f"(density {config.density}) up and {config.downlink_codec} down with error feedback; the "
              "baseline sends the fp32 adapter both ways. `seconds` is wall time per round (training, "
