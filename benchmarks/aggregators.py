@@ -36,7 +36,7 @@ from rich.console import Console
 from pollinate.config import RunConfig
 from pollinate.simulations.centralised import train_centralised
 from pollinate.simulations.launch import simulate
-from pollinate.simulations.report import RESULTS, federation_arguments, publish, rich_table
+from pollinate.simulations.report import RESULTS, federation_arguments, publish, rich_table, scenario_options
 
 NAME = "aggregators"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -60,10 +60,9 @@ def system_options(system: str, args: argparse.Namespace) -> dict[str, Any]:
 def base_config(args: argparse.Namespace, dataset: str, system: str) -> RunConfig:
     return RunConfig.from_mapping({
         "train-data": str(DATA / dataset / "train.csv"), "test-data": str(DATA / dataset / "test.csv"),
-        "num-clients": args.clients, "partition": "dirichlet", "dirichlet-alpha": 0.5,
-        "num-server-rounds": args.rounds, "max-train-examples": args.max_train_examples,
-        "test-examples": args.test_examples, "codec": args.codec, "downlink-codec": args.codec,
-        "seed": args.seed, "out": str(Path(args.runs) / f"{dataset}-{system}"), "resume": False,
+        **scenario_options(args), "partition": "dirichlet", "dirichlet-alpha": 0.5,
+        "codec": args.codec, "downlink-codec": args.codec,
+        "out": str(Path(args.runs) / f"{dataset}-{system}"), "resume": False,
         **({} if system == "centralised" else system_options(system, args))}, allow_extra=False)
 
 
@@ -184,7 +183,8 @@ def main() -> None:
             columns=COLUMNS,
             notes=(f"{args.clients} clients, Dirichlet 0.5, {args.rounds} rounds, client ranks "
                    f"{args.profile}, {args.max_train_examples} train examples per client, "
-                   f"{args.test_examples} test examples, one seed ({args.seed}), codec {args.codec} "
+                   f"{args.test_examples} test examples, one seed ({args.seed}), batch {args.batch_size}, lr "
+                   f"{args.learning_rate}, codec {args.codec} "
                    "up and down for every federated run. `fedit` = FedIT with zero-padded factors "
                    "and example weights (the FLoRA paper's heterogeneous baseline; `hetlora` with "
                    f"`weighting=examples`); `ffa` runs every client at rank {args.ffa_rank} (FFA "

@@ -42,7 +42,7 @@ from pollinate.config import RunConfig
 from pollinate.deltas import diff
 from pollinate.server.rundir import RunDirectory
 from pollinate.simulations.launch import simulate
-from pollinate.simulations.report import RESULTS, federation_arguments, publish, rich_table
+from pollinate.simulations.report import RESULTS, federation_arguments, publish, rich_table, scenario_options
 from pollinate.spec import AdapterSpec, Tensors
 
 NAME = "codec"
@@ -91,12 +91,11 @@ class Setting:
 def run_config(args: argparse.Namespace, uplink: Setting, downlink: Setting) -> RunConfig:
     return RunConfig.from_mapping({
         "train-data": str(DATA / "ag_news" / "train.csv"), "test-data": str(DATA / "ag_news" / "test.csv"),
-        "num-clients": args.clients, "partition": "dirichlet", "dirichlet-alpha": 0.5,
-        "num-server-rounds": args.rounds, "max-train-examples": args.max_train_examples,
-        "test-examples": args.test_examples, "lora-rank": 8, "aggregator": "fedit", "local-epochs": 1,
+        **scenario_options(args), "partition": "dirichlet", "dirichlet-alpha": 0.5,
+        "lora-rank": 8, "aggregator": "fedit", "local-epochs": 1,
         "codec": uplink.encoding, "density": uplink.density,
         "downlink-codec": downlink.encoding, "downlink-density": downlink.density,
-        "seed": args.seed, "out": str(Path(args.runs) / uplink.label), "resume": False,
+        "out": str(Path(args.runs) / uplink.label), "resume": False,
     }, allow_extra=False)
 
 
@@ -239,7 +238,8 @@ def main() -> None:
             title="Wire formats: accuracy, bytes and codec time per encoding", columns=COLUMNS,
             notes=(f"AG News, {args.clients} clients, Dirichlet 0.5, {args.rounds} rounds, "
                    f"{args.max_train_examples} train examples per client, {args.test_examples} test "
-                   f"examples, FedIT, LoRA r=8 on query/value + head, 1 local epoch, seed {args.seed}. "
+                   f"examples, FedIT, LoRA r=8 on query/value + head, 1 local epoch, batch "
+                   f"{args.batch_size}, lr {args.learning_rate}, seed {args.seed}. "
                    f"`fp32` = dense fp32 up and down (the FlowerTune-style baseline); every other row "
                    f"uses downlink {downlink.label}; error feedback on both sides. accuracy = final "
                    "round; vs_fp32 = accuracy difference in points (one seed: 1000 test examples give "

@@ -40,7 +40,7 @@ from pollinate.deltas import diff
 from pollinate.modeling import ModelSpec, build_model, pick_device
 from pollinate.privacy import Budget, l2_norm
 from pollinate.simulations.launch import simulate
-from pollinate.simulations.report import RESULTS, federation_arguments, publish, rich_table
+from pollinate.simulations.report import RESULTS, federation_arguments, publish, rich_table, scenario_options
 
 NAME = "privacy"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -54,10 +54,8 @@ console = Console()
 def base_config(args: argparse.Namespace, **options: Any) -> RunConfig:
     return RunConfig.from_mapping({
         "train-data": str(DATA / "ag_news" / "train.csv"), "test-data": str(DATA / "ag_news" / "test.csv"),
-        "num-clients": args.clients, "partition": "dirichlet", "dirichlet-alpha": 0.5,
-        "num-server-rounds": args.rounds, "max-train-examples": args.max_train_examples,
-        "test-examples": args.test_examples, "batch-size": args.batch_size,
-        "learning-rate": args.learning_rate, "seed": args.seed, "resume": False, "delta": 1e-5,
+        **scenario_options(args), "partition": "dirichlet", "dirichlet-alpha": 0.5,
+        "resume": False, "delta": 1e-5,
         **options}, allow_extra=False)
 
 
@@ -173,8 +171,6 @@ def plot(rows: list[dict[str, Any]], timing: dict[str, Any], path: Path) -> Path
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", default=",".join(SETTINGS))
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--learning-rate", type=float, default=5e-3)
     parser.add_argument("--low-noise", type=float, default=0.1, help="client-level noise multiplier")
     parser.add_argument("--high-noise", type=float, default=1.0, help="client-level noise multiplier")
     parser.add_argument("--timing-repeats", type=int, default=3)

@@ -40,7 +40,7 @@ from rich.console import Console
 from pollinate.aggregators.selective_layer import HEATMAP
 from pollinate.config import RunConfig
 from pollinate.server.rundir import RunDirectory
-from pollinate.simulations.report import RESULTS, federation_arguments, publish, rich_table
+from pollinate.simulations.report import RESULTS, federation_arguments, publish, rich_table, scenario_options
 
 NAME = "selective_layer"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -71,13 +71,11 @@ def matched_rank(rank: int, budgets: list[int]) -> int:
 
 def run_config(args: argparse.Namespace, dataset: str, policy: str, rank: int) -> RunConfig:
     options = f"policy={policy}" + ("" if policy == "all" else f",budgets={args.budgets}")
-    return RunConfig(
-        train_data=str(DATA / dataset / "train.csv"), test_data=str(DATA / dataset / "test.csv"),
-        num_clients=args.clients, partition="dirichlet", dirichlet_alpha=0.3,
-        num_server_rounds=args.rounds, max_train_examples=args.max_train_examples,
-        test_examples=args.test_examples, lora_rank=rank, lora_alpha=2.0 * rank,
-        aggregator="selective-layer", aggregator_options=options, seed=args.seed,
-        out=str(Path(args.runs) / f"{dataset}-{policy}"), resume=False)
+    return RunConfig.from_mapping({
+        "train-data": str(DATA / dataset / "train.csv"), "test-data": str(DATA / dataset / "test.csv"),
+        **scenario_options(args), "partition": "dirichlet", "dirichlet-alpha": 0.3, "lora-rank": rank,
+        "lora-alpha": 2.0 * rank, "aggregator": "selective-layer", "aggregator-options": options,
+        "out": str(Path(args.runs) / f"{dataset}-{policy}"), "resume": False}, allow_extra=False)
 
 
 def complete(summary: dict[str, Any] | None, config: RunConfig) -> bool:
@@ -227,7 +225,8 @@ def main() -> None:
             title="Selective layer fine-tuning (Sun et al. 2024) at equal uplink bytes",
             columns=COLUMNS,
             notes=(f"10 clients, Dirichlet 0.3, {args.rounds} rounds, {args.max_train_examples} train "
-                   f"examples per client, {args.test_examples} test examples, one seed ({args.seed}). "
+                   f"examples per client, {args.test_examples} test examples, one seed ({args.seed}), batch "
+                   f"{args.batch_size}, lr {args.learning_rate}. "
                    f"Budgets {args.budgets} layers of 6 (cycled over clients) for regulated/gradient/"
                    f"random at rank {args.rank}; `all` trains every layer at rank {all_rank}, which "
                    "sends the same number of LoRA parameters per round (rank x layers summed over "

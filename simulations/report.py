@@ -99,7 +99,16 @@ def federation_arguments(parser: argparse.ArgumentParser, *, runs: str, examples
     parser.add_argument("--max-train-examples", type=int, default=examples,
                         help="training examples per client")
     parser.add_argument("--test-examples", type=int, default=test_examples)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float, default=5e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs", default=runs, help="where each federation writes its run directory")
     parser.add_argument("--no-publish", action="store_true", help="smoke run: print, write nothing")
     return parser
+
+
+def scenario_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Run-config options of the shared scenario arguments (see :func:`federation_arguments`)."""
+    return {"num-clients": args.clients, "num-server-rounds": args.rounds,
+            "max-train-examples": args.max_train_examples, "test-examples": args.test_examples,
+            "batch-size": args.batch_size, "learning-rate": args.learning_rate, "seed": args.seed}
