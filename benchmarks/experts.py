@@ -29,26 +29,19 @@ from __future__ import annotations
 
 import argparse
 import math
-import random
 import statistics
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from datasets import Dataset, concatenate_datasets
-from flwr.app import Context, Message, RecordDict
-from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 from rich.console import Console
 from rich.progress import track
 
 from pollinate import data as datalib
 from pollinate.aggregators import ClientPart
 from pollinate.aggregators.expert_routing import ExpertRouting
-from pollinate.client.app import handle_train
 from pollinate.client.trainer import train
 from pollinate.codec import Delta, DeltaHeader, encode
 from pollinate.config import RunConfig
@@ -57,8 +50,8 @@ from pollinate.experts import ExpertConfig
 from pollinate.modeling import AdapterModel, ModelSpec, build_model
 from pollinate.personalize import download_size, personalize
 from pollinate.protocol import uplink_codec
-from pollinate.server.loop import Coordinator
 from pollinate.server.rundir import RunDirectory
+from pollinate.simulations.launch import simulate
 from pollinate.simulations.report import RESULTS, publish, rich_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +61,6 @@ DATASETS = {"banking77": {"classes": 20, "per_client": 3, "experts": 8},
 PARTITIONS, HELD_OUT = 20, (2, 7, 12, 17)
 PUBLIC = 500  # unlabelled texts set aside (reported; used only by start=kmeans)
 console = Console(width=200)
-SERVER = 0  # node id of the server in messages
 
 
 @dataclass(frozen=True)
@@ -181,61 +173,10 @@ def participants(config: RunConfig, test: Dataset, cap: int) -> list[tuple[Datas
     return out
 
 
-class LocalGrid(Grid):
-    """Flower's Grid served in this process: each message goes to the real ClientApp train
-    handler of a simulated node (its partition, its persistent state), one after the other.
-
-    The server is the real :class:`Coordinator`; only the transport differs from
-    ``simulate`` (no Ray: one process and two models in memory, where a Ray simulation
-    per agent on this shared machine was being killed for memory). Flower 1.39 stamps
-    every message with the task's identity, which its runtime sets; here we set it.
-    """
-
-    def __init__(self, num_nodes: int, seed: int):
-        rng = random.Random(seed)
-        ids = rng.sample(range(1, 2**62), num_nodes)
-        self.nodes = {node: (pid, RecordDict()) for pid, node in enumerate(ids)}
-        self._run: Any = None
-        TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 0, 0, SERVER
-
-    def set_run(self, run: Any) -> None:  # Flower's Run (flwr.supercore, internal)
-        self._run = run
-
-    @property
-    def run(self) -> Any:
-        return self._run
-
-    def create_message(self, *args, **kwargs) -> Message:
-        raise NotImplementedError("LocalGrid only serves send_and_receive")
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.nodes)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError("LocalGrid only serves send_and_receive")
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError("LocalGrid only serves send_and_receive")
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        replies = []
-        for message in messages:
-            node = message.metadata.dst_node_id
-            partition, state = self.nodes[node]
-            context = Context(run_id=0, node_id=node, state=state, run_config={},
-                              node_config={"partition-id": partition, "num-partitions": len(self.nodes)})
-            TaskIdentity.node_id = node
-            try:
-                replies.append(handle_train(message, context))
-            finally:
-                TaskIdentity.node_id = SERVER
-        return replies
-
-
 def _simulate(name: str, config: RunConfig) -> dict:
     console.rule(f"{name}: {config.aggregator} (rank {config.lora_rank}, density {config.density})")
     started = time.perf_counter()
-    summary = Coordinator(config, LocalGrid(config.num_clients, config.seed)).run()
+    summary = simulate(config, num_cpus=2)
     return {**summary, "wall": time.perf_counter() - started}
 
 
