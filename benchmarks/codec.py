@@ -88,6 +88,12 @@ class Setting:
         return CodecSpec(encoding=self.encoding, density=self.density)
 
 
+def standard_error(rows: list[dict[str, Any]], args: argparse.Namespace) -> float:
+    """Binomial standard error, in points, of the baseline's final accuracy on the test examples."""
+    p = rows[0]["accuracy"]
+    return 100 * (p * (1 - p) / max(args.test_examples, 1)) ** 0.5
+
+
 def run_config(args: argparse.Namespace, uplink: Setting, downlink: Setting) -> RunConfig:
     return RunConfig.from_mapping({
         "train-data": str(DATA / "ag_news" / "train.csv"), "test-data": str(DATA / "ag_news" / "test.csv"),
@@ -242,8 +248,9 @@ def main() -> None:
                    f"{args.batch_size}, lr {args.learning_rate}, seed {args.seed}. "
                    f"`fp32` = dense fp32 up and down (the FlowerTune-style baseline); every other row "
                    f"uses downlink {downlink.label}; error feedback on both sides. accuracy = final "
-                   "round; vs_fp32 = accuracy difference in points (one seed: 1000 test examples give "
-                   "a standard error of about 1.5 points). bytes = per client per round, mean over "
+                   f"round; vs_fp32 = accuracy difference in points (one seed: {args.test_examples} test "
+                   f"examples give one accuracy a standard error of {standard_error(rows, args):.1f} "
+                   "points). bytes = per client per round, mean over "
                    "rounds 1..R (round 1's downlink is a near-empty seeded difference for every row). "
                    "ratio = fp32 bytes / row bytes, same invocation. encode_ms / decode_ms = median of "
                    f"{args.repeats} encode / decode calls on the fp32 run's last global increment "
