@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from pollinate.aggregators import ClientPart, resolve
+from pollinate.aggregators import Aggregator, ClientPart, resolve
 from pollinate.codec import CodecError, Delta, DeltaHeader, ErrorFeedback, decode, encode
 from pollinate.deltas import add, digest
 from pollinate.protocol import EMPTY_VERSION, TrainInstruction, TrainReply, uplink_codec
+from pollinate.spec import Tensors
 
 from .privacy import ClientPrivacy
 from .session import NodeSettings, data_key, local_data, model_for, model_spec, seeded_initial
@@ -27,6 +29,23 @@ from .trainer import train
 
 log = logging.getLogger("pollinate.client")
 app = ClientApp()
+
+
+def rebuild_anchor(aggregator_cls: type[Aggregator], options: dict[str, Any], order: TrainInstruction,
+                   node: NodeSettings, expected: bytes) -> Tensors | None:
+    """The seeded first global version, if this node can rebuild the one the server digested.
+
+    Built at this node's own rank first, then at the run's global rank (the server's: a
+    node of a lower rank holds the global adapter at that rank and truncates it to its own
+    when it loads it); ``None`` when neither matches the server's digest.
+    """
+    key = json.dumps(options, sort_keys=True)
+    for rank in dict.fromkeys([node.rank, order.config.global_rank]):
+        spec = model_spec(order.config, order.num_labels, rank)
+        seeded = seeded_initial(aggregator_cls, key, spec, node.device)
+        if digest(seeded) == expected:
+            return seeded
+    return None
 
 
 @app.train()
@@ -53,9 +72,9 @@ def run_round(order: TrainInstruction, context: Context) -> TrainReply:
         return _refuse("stale", f"downlink rejected: {err}", memory, config)
     base = down.header.base_version
     if base != EMPTY_VERSION and base != memory.held_version:
-        seeded = seeded_initial(aggregator_cls, json.dumps(options, sort_keys=True), model.spec,
-                                node.device)
-        if memory.held_version != EMPTY_VERSION or digest(seeded) != down.header.base_digest:
+        seeded = rebuild_anchor(aggregator_cls, options, order, node, down.header.base_digest) \
+            if memory.held_version == EMPTY_VERSION else None
+        if seeded is None:
             return _refuse("stale", f"downlink is from version {base}, node holds "
                            f"{memory.held_version or 'nothing it can rebuild it from'}", memory, config)
         memory.held_state, memory.held_version = seeded, base

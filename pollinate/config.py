@@ -154,6 +154,15 @@ class RunConfig:
         ranks = [int(r) for r in self.rank_profile.split(",") if r.strip()]
         return ranks[partition_id % len(ranks)]
 
+    @property
+    def global_rank(self) -> int:
+        """The rank of the global adapter: the largest any client is configured with.
+
+        Server and clients derive it from the same config, so a client of a lower rank can
+        still rebuild the seeded first global version instead of downloading it.
+        """
+        return max([self.lora_rank] + [self.rank_for(i) for i in range(self.num_clients)])
+
     # -- validation ---------------------------------------------------------------
 
     def _check(self) -> None:

@@ -67,9 +67,8 @@ class Coordinator:
         self.out = RunDirectory(config.out)
         self.test_table = datalib.test_table(config)
         self.num_labels = self._num_labels()
-        rank = max([config.lora_rank] + [config.rank_for(i) for i in range(config.num_clients)])
         spec = ModelSpec(name=config.model, task=config.task, num_labels=self.num_labels,
-                         rank=rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                         rank=config.global_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
                          target_modules=tuple(config.target_module_list), seed=config.seed)
         aggregator_cls = resolve(config.aggregator)
         self.model = aggregator_cls.build_model(spec, pick_device(config.device))
