@@ -36,7 +36,14 @@ from rich.console import Console
 from pollinate.config import RunConfig
 from pollinate.simulations.centralised import train_centralised
 from pollinate.simulations.launch import simulate
-from pollinate.simulations.report import RESULTS, federation_arguments, publish, rich_table, scenario_options
+from pollinate.simulations.report import (
+    RESULTS,
+    federation_arguments,
+    publish,
+    rich_table,
+    save_figure,
+    scenario_options,
+)
 
 NAME = "aggregators"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -139,12 +146,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
         bottom.set_ylabel("MiB per round (all clients, log)")
         bottom.legend()
     fig.suptitle(f"aggregators under heterogeneous LoRA ranks ({PROFILE})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
+    return save_figure(fig, path)
 
 
 def main() -> None:

@@ -42,7 +42,14 @@ from pollinate.config import RunConfig
 from pollinate.deltas import diff
 from pollinate.server.rundir import RunDirectory
 from pollinate.simulations.launch import simulate
-from pollinate.simulations.report import RESULTS, federation_arguments, publish, rich_table, scenario_options
+from pollinate.simulations.report import (
+    RESULTS,
+    federation_arguments,
+    publish,
+    rich_table,
+    save_figure,
+    scenario_options,
+)
 from pollinate.spec import AdapterSpec, Tensors
 
 NAME = "codec"
@@ -199,12 +206,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     right.set_title("accuracy per round")
     right.legend(fontsize=8)
     fig.suptitle("AG News, 10 clients, Dirichlet 0.5, FedIT LoRA r=8: wire formats")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
+    return save_figure(fig, path)
 
 
 def main() -> None:

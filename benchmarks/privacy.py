@@ -40,7 +40,14 @@ from pollinate.deltas import diff
 from pollinate.modeling import ModelSpec, build_model, pick_device
 from pollinate.privacy import Budget, l2_norm
 from pollinate.simulations.launch import simulate
-from pollinate.simulations.report import RESULTS, federation_arguments, publish, rich_table, scenario_options
+from pollinate.simulations.report import (
+    RESULTS,
+    federation_arguments,
+    publish,
+    rich_table,
+    save_figure,
+    scenario_options,
+)
 
 NAME = "privacy"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -160,12 +167,7 @@ def plot(rows: list[dict[str, Any]], timing: dict[str, Any], path: Path) -> Path
     right.bar(["ordinary", "DP-SGD"], [timing["plain_seconds"], timing["dp_seconds"]])
     right.set_ylabel(f"seconds per local epoch ({timing['examples']} examples, CPU)")
     right.set_title(f"DP-SGD / ordinary = {timing['ratio']:.2f}x")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
+    return save_figure(fig, path)
 
 
 def main() -> None:

@@ -40,7 +40,14 @@ from rich.console import Console
 from pollinate.aggregators.selective_layer import HEATMAP
 from pollinate.config import RunConfig
 from pollinate.server.rundir import RunDirectory
-from pollinate.simulations.report import RESULTS, federation_arguments, publish, rich_table, scenario_options
+from pollinate.simulations.report import (
+    RESULTS,
+    federation_arguments,
+    publish,
+    rich_table,
+    save_figure,
+    scenario_options,
+)
 
 NAME = "selective_layer"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -184,12 +191,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
         ax.set_ylabel("test accuracy")
         ax.legend()
     fig.suptitle("selective layers (budgets 2 or 6 of 6 layers) vs all layers at equal bytes")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
+    return save_figure(fig, path)
 
 
 def main() -> None:

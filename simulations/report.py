@@ -112,3 +112,13 @@ def scenario_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"num-clients": args.clients, "num-server-rounds": args.rounds,
             "max-train-examples": args.max_train_examples, "test-examples": args.test_examples,
             "batch-size": args.batch_size, "learning-rate": args.learning_rate, "seed": args.seed}
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay out, write and close a matplotlib figure (the PNG beside a benchmark's JSON)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
