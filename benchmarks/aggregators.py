@@ -34,16 +34,9 @@ from typing import Any
 from rich.console import Console
 
 from pollinate.config import RunConfig
+from pollinate.simulations import report
 from pollinate.simulations.centralised import train_centralised
 from pollinate.simulations.launch import simulate
-from pollinate.simulations.report import (
-    RESULTS,
-    federation_arguments,
-    publish,
-    rich_table,
-    save_figure,
-    scenario_options,
-)
 
 NAME = "aggregators"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -67,7 +60,7 @@ def system_options(system: str, args: argparse.Namespace) -> dict[str, Any]:
 def base_config(args: argparse.Namespace, dataset: str, system: str) -> RunConfig:
     return RunConfig.from_mapping({
         "train-data": str(DATA / dataset / "train.csv"), "test-data": str(DATA / dataset / "test.csv"),
-        **scenario_options(args), "partition": "dirichlet", "dirichlet-alpha": 0.5,
+        **report.scenario_options(args), "partition": "dirichlet", "dirichlet-alpha": 0.5,
         "codec": args.codec, "downlink-codec": args.codec,
         "out": str(Path(args.runs) / f"{dataset}-{system}"), "resume": False,
         **({} if system == "centralised" else system_options(system, args))}, allow_extra=False)
@@ -146,7 +139,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
         bottom.set_ylabel("MiB per round (all clients, log)")
         bottom.legend()
     fig.suptitle(f"aggregators under heterogeneous LoRA ranks ({PROFILE})")
-    return save_figure(fig, path)
+    return report.save_figure(fig, path)
 
 
 def main() -> None:
@@ -160,7 +153,7 @@ def main() -> None:
     parser.add_argument("--retries", type=int, default=2, help="reruns of a run that lost a client to OOM")
     parser.add_argument("--cpus", type=int, default=0,
                         help="Ray CPUs, i.e. clients training at once (0 = all cores; 1 halves memory)")
-    federation_arguments(parser, runs="runs/bench/aggregators")
+    report.federation_arguments(parser, runs="runs/bench/aggregators")
     args = parser.parse_args()
     if not (DATA / "ag_news" / "train.csv").exists():
         raise SystemExit(f"datasets not found under {DATA}")
@@ -175,12 +168,12 @@ def main() -> None:
         console.print(f"[green]{dataset} {system}[/]: accuracy {rows[-1]['accuracy']:.4f}, "
                       f"{rows[-1]['minutes']:.1f} min")
     compare(rows)
-    console.print(rich_table(rows, COLUMNS, title="aggregators under heterogeneous ranks",
+    console.print(report.rich_table(rows, COLUMNS, title="aggregators under heterogeneous ranks",
                              left=("dataset", "aggregator", "ranks")))
     if args.no_publish:
         return
-    png = plot(rows, RESULTS / f"{NAME}.png")
-    publish(NAME, [{k: v for k, v in r.items() if k != "curve"} for r in rows],
+    png = plot(rows, report.RESULTS / f"{NAME}.png")
+    report.publish(NAME, [{k: v for k, v in r.items() if k != "curve"} for r in rows],
             title="Aggregators under heterogeneous LoRA ranks (FedIT, FFA, FLoRA, HetLoRA, FlexLoRA)",
             columns=COLUMNS,
             notes=(f"{args.clients} clients, Dirichlet 0.5, {args.rounds} rounds, client ranks "

@@ -41,15 +41,8 @@ from pollinate.codec import ENCODINGS, CodecSpec, Delta, DeltaHeader, decode, en
 from pollinate.config import RunConfig
 from pollinate.deltas import diff
 from pollinate.server.rundir import RunDirectory
+from pollinate.simulations import report
 from pollinate.simulations.launch import simulate
-from pollinate.simulations.report import (
-    RESULTS,
-    federation_arguments,
-    publish,
-    rich_table,
-    save_figure,
-    scenario_options,
-)
 from pollinate.spec import AdapterSpec, Tensors
 
 NAME = "codec"
@@ -104,7 +97,7 @@ def standard_error(rows: list[dict[str, Any]], args: argparse.Namespace) -> floa
 def run_config(args: argparse.Namespace, uplink: Setting, downlink: Setting) -> RunConfig:
     return RunConfig.from_mapping({
         "train-data": str(DATA / "ag_news" / "train.csv"), "test-data": str(DATA / "ag_news" / "test.csv"),
-        **scenario_options(args), "partition": "dirichlet", "dirichlet-alpha": 0.5,
+        **report.scenario_options(args), "partition": "dirichlet", "dirichlet-alpha": 0.5,
         "lora-rank": 8, "aggregator": "fedit", "local-epochs": 1,
         "codec": uplink.encoding, "density": uplink.density,
         "downlink-codec": downlink.encoding, "downlink-density": downlink.density,
@@ -206,7 +199,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     right.set_title("accuracy per round")
     right.legend(fontsize=8)
     fig.suptitle("AG News, 10 clients, Dirichlet 0.5, FedIT LoRA r=8: wire formats")
-    return save_figure(fig, path)
+    return report.save_figure(fig, path)
 
 
 def main() -> None:
@@ -218,7 +211,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=21, help="encode/decode timings per setting")
     parser.add_argument("--reuse", action="store_true",
                         help="take a setting's finished run of the same config from its out directory")
-    federation_arguments(parser, runs="runs/bench/codec")
+    report.federation_arguments(parser, runs="runs/bench/codec")
     args = parser.parse_args()
     if not (DATA / "ag_news" / "train.csv").exists():
         raise SystemExit(f"AG News not found under {DATA}")
@@ -237,12 +230,12 @@ def main() -> None:
                       f"up {rows[-1]['bytes_up']:,} B, down {rows[-1]['bytes_down']:,} B, "
                       f"{rows[-1]['minutes']:.1f} min")
     compare(rows, last_increment(run_config(args, settings[0], settings[0]).out), args.repeats)
-    console.print(rich_table(rows, COLUMNS, title="wire formats (bytes per client per round)",
+    console.print(report.rich_table(rows, COLUMNS, title="wire formats (bytes per client per round)",
                              left=("setting", "encoding", "downlink", "target_up")))
     if args.no_publish:
         return
-    png = plot(rows, RESULTS / f"{NAME}.png")
-    publish(NAME, [{k: v for k, v in r.items() if k != "curve"} for r in rows],
+    png = plot(rows, report.RESULTS / f"{NAME}.png")
+    report.publish(NAME, [{k: v for k, v in r.items() if k != "curve"} for r in rows],
             title="Wire formats: accuracy, bytes and codec time per encoding", columns=COLUMNS,
             notes=(f"AG News, {args.clients} clients, Dirichlet 0.5, {args.rounds} rounds, "
                    f"{args.max_train_examples} train examples per client, {args.test_examples} test "

@@ -39,15 +39,8 @@ from pollinate.config import RunConfig
 from pollinate.deltas import diff
 from pollinate.modeling import ModelSpec, build_model, pick_device
 from pollinate.privacy import Budget, l2_norm
+from pollinate.simulations import report
 from pollinate.simulations.launch import simulate
-from pollinate.simulations.report import (
-    RESULTS,
-    federation_arguments,
-    publish,
-    rich_table,
-    save_figure,
-    scenario_options,
-)
 
 NAME = "privacy"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -61,7 +54,7 @@ console = Console()
 def base_config(args: argparse.Namespace, **options: Any) -> RunConfig:
     return RunConfig.from_mapping({
         "train-data": str(DATA / "ag_news" / "train.csv"), "test-data": str(DATA / "ag_news" / "test.csv"),
-        **scenario_options(args), "partition": "dirichlet", "dirichlet-alpha": 0.5,
+        **report.scenario_options(args), "partition": "dirichlet", "dirichlet-alpha": 0.5,
         "resume": False, "delta": 1e-5,
         **options}, allow_extra=False)
 
@@ -167,7 +160,7 @@ def plot(rows: list[dict[str, Any]], timing: dict[str, Any], path: Path) -> Path
     right.bar(["ordinary", "DP-SGD"], [timing["plain_seconds"], timing["dp_seconds"]])
     right.set_ylabel(f"seconds per local epoch ({timing['examples']} examples, CPU)")
     right.set_title(f"DP-SGD / ordinary = {timing['ratio']:.2f}x")
-    return save_figure(fig, path)
+    return report.save_figure(fig, path)
 
 
 def main() -> None:
@@ -179,7 +172,7 @@ def main() -> None:
     parser.add_argument("--num-cpus", type=int, default=1,
                         help="Ray CPUs, i.e. concurrent client actors (each holds a model in memory)")
     parser.add_argument("--fresh", action="store_true", help="recompute parts finished by an earlier run")
-    federation_arguments(parser, runs="runs/bench/privacy")
+    report.federation_arguments(parser, runs="runs/bench/privacy")
     args = parser.parse_args()
     if not (DATA / "ag_news" / "train.csv").exists():
         raise SystemExit(f"datasets not found under {DATA}")
@@ -201,16 +194,16 @@ def main() -> None:
     baseline = next((r["accuracy"] for r in rows if r["setting"] == "none"), None)
     for row in rows:
         row["vs_none"] = None if baseline is None else 100 * (row["accuracy"] - baseline)
-    console.print(rich_table(rows, COLUMNS, title="differential privacy on AG News",
+    console.print(report.rich_table(rows, COLUMNS, title="differential privacy on AG News",
                              left=("setting", "device")))
     if args.no_publish:
         return
-    png = plot(rows, timing, RESULTS / f"{NAME}.png")
+    png = plot(rows, timing, report.RESULTS / f"{NAME}.png")
     eight = next((r for r in rows if r["name"] == "sample-8"), None)
     goal = "" if eight is None or baseline is None else (
         f"Goal epsilon 8 within 3 points of no DP: {eight['vs_none']:+.1f} points "
         f"({'met' if eight['vs_none'] >= -3 else 'not met'}). ")
-    publish(NAME, [{k: v for k, v in r.items() if k != "curve"} for r in rows],
+    report.publish(NAME, [{k: v for k, v in r.items() if k != "curve"} for r in rows],
             title="Differential privacy: accuracy vs epsilon, DP-SGD cost (AG News)", columns=COLUMNS,
             notes=(f"{args.clients} clients, Dirichlet 0.5, {args.rounds} rounds, "
                    f"{args.max_train_examples} train examples per client, {args.test_examples} test "

@@ -10,7 +10,7 @@ rank that sends the same number of LoRA parameters per round:
 so sum over clients of (layers sent x rank) is equal, and with top-k at a fixed density
 the uplink bytes are too (the table shows the measured ratio). ``lora-alpha`` is 2 x
 rank in every run so the LoRA scaling is the same. Prints a table, writes
-``benchmarks/results/selective_layer.json`` (via publish), ``selective_layer.png``
+``benchmarks/results/selective_layer.json`` (via ``report.publish``), ``selective_layer.png``
 (accuracy against cumulative uplink bytes) and the regulated runs' selection heatmaps.
 
     python benchmarks/selective_layer.py                 # the full benchmark
@@ -40,14 +40,7 @@ from rich.console import Console
 from pollinate.aggregators.selective_layer import HEATMAP
 from pollinate.config import RunConfig
 from pollinate.server.rundir import RunDirectory
-from pollinate.simulations.report import (
-    RESULTS,
-    federation_arguments,
-    publish,
-    rich_table,
-    save_figure,
-    scenario_options,
-)
+from pollinate.simulations import report
 
 NAME = "selective_layer"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -80,7 +73,7 @@ def run_config(args: argparse.Namespace, dataset: str, policy: str, rank: int) -
     options = f"policy={policy}" + ("" if policy == "all" else f",budgets={args.budgets}")
     return RunConfig.from_mapping({
         "train-data": str(DATA / dataset / "train.csv"), "test-data": str(DATA / dataset / "test.csv"),
-        **scenario_options(args), "partition": "dirichlet", "dirichlet-alpha": 0.3, "lora-rank": rank,
+        **report.scenario_options(args), "partition": "dirichlet", "dirichlet-alpha": 0.3, "lora-rank": rank,
         "lora-alpha": 2.0 * rank, "aggregator": "selective-layer", "aggregator-options": options,
         "out": str(Path(args.runs) / f"{dataset}-{policy}"), "resume": False}, allow_extra=False)
 
@@ -191,7 +184,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
         ax.set_ylabel("test accuracy")
         ax.legend()
     fig.suptitle("selective layers (budgets 2 or 6 of 6 layers) vs all layers at equal bytes")
-    return save_figure(fig, path)
+    return report.save_figure(fig, path)
 
 
 def main() -> None:
@@ -202,7 +195,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=12)
     parser.add_argument("--reuse", action="store_true",
                         help="reuse finished, complete runs of the same config found in --runs")
-    federation_arguments(parser, runs="runs/bench/selective_layer")
+    report.federation_arguments(parser, runs="runs/bench/selective_layer")
     args = parser.parse_args()
     if not (DATA / "ag_news" / "train.csv").exists():
         raise SystemExit(f"datasets not found under {DATA}")
@@ -215,15 +208,15 @@ def main() -> None:
         rows.append(run_one(args, dataset, policy, rank))
         console.print(f"accuracy {rows[-1]['accuracy']:.4f}, uplink {rows[-1]['bytes_up']:,} B")
     compare_to_all(rows)
-    console.print(rich_table(rows, COLUMNS, title="selective layer fine-tuning",
+    console.print(report.rich_table(rows, COLUMNS, title="selective layer fine-tuning",
                              left=("dataset", "policy")))
     if args.no_publish:
         return
-    png = plot(rows, RESULTS / f"{NAME}.png")
+    png = plot(rows, report.RESULTS / f"{NAME}.png")
     for row in rows:
         if row["policy"] == "regulated":
-            shutil.copy(Path(row["out"]) / HEATMAP, RESULTS / f"{NAME}_heatmap_{row['dataset']}.png")
-    publish(NAME, [{k: v for k, v in r.items() if k not in ("curve", "out")} for r in rows],
+            shutil.copy(Path(row["out"]) / HEATMAP, report.RESULTS / f"{NAME}_heatmap_{row['dataset']}.png")
+    report.publish(NAME, [{k: v for k, v in r.items() if k not in ("curve", "out")} for r in rows],
             title="Selective layer fine-tuning (Sun et al. 2024) at equal uplink bytes",
             columns=COLUMNS,
             notes=(f"10 clients, Dirichlet 0.3, {args.rounds} rounds, {args.max_train_examples} train "
