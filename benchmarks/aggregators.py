@@ -42,8 +42,8 @@ NAME = "aggregators"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PROFILE = "64,32,16,16,8,8,4,4,4,4"
 SYSTEMS = ("fedit", "ffa", "flora", "hetlora", "flexlora", "centralised")
-COLUMNS = ("dataset", "aggregator", "ranks", "accuracy", "vs_fedit", "vs_centralised", "bytes_up",
-           "bytes_down", "dropped", "minutes")
+COLUMNS = ("dataset", "aggregator", "ranks", "accuracy", "accuracy_last3", "vs_fedit", "vs_centralised",
+           "bytes_up", "bytes_down", "dropped", "minutes")
 console = Console(width=150)
 
 
@@ -81,6 +81,7 @@ def run_one(args: argparse.Namespace, dataset: str, system: str) -> dict[str, An
         reasons.update(drop_kind(d["reason"]) for r in rounds for d in r.get("dropped", []))
     trained = curve[1:]
     return {"dataset": dataset, "aggregator": system, "ranks": ranks, "accuracy": curve[-1][1],
+            "accuracy_last3": sum(c[1] for c in curve[-3:]) / len(curve[-3:]),
             "bytes_up": round(sum(c[2] for c in trained) / len(trained)),
             "bytes_down": round(sum(c[3] for c in trained) / len(trained)),
             "dropped": sum(reasons.values()), "drop_reasons": dict(reasons),
@@ -184,8 +185,11 @@ def main() -> None:
                    "and example weights (the FLoRA paper's heterogeneous baseline; `hetlora` with "
                    f"`weighting=examples`); `ffa` runs every client at rank {args.ffa_rank} (FFA "
                    "cannot mix ranks); `centralised` = one rank-"
-                   f"{args.central_rank} LoRA on the pooled client data for {args.rounds} epochs. "
-                   "accuracy = final round; vs_fedit / vs_centralised = accuracy difference in points; "
+                   f"{args.central_rank} LoRA on the pooled client data for "
+                   f"{args.rounds * args.local_epochs} epochs ({args.local_epochs} local epoch(s) per "
+                   "round). accuracy = final round, accuracy_last3 = mean of the last three rounds "
+                   "(epochs), less noisy than one evaluation; vs_fedit / vs_centralised = accuracy "
+                   "difference in points; "
                    "bytes per round summed over clients, mean over rounds; dropped = client updates "
                    "not aggregated over the run (by kind in the JSON's drop_reasons, each one in the "
                    "run's metrics.jsonl). "

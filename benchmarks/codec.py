@@ -2,11 +2,13 @@
 
 One federation per setting, same seed: 10 clients (Dirichlet 0.5) on AG News, 300
 training examples per client, 1000 test examples, LoRA rank 8 on query/value plus the
-head, FedIT, 1 local epoch, 10 rounds. The baseline ``fp32`` is what FlowerTune sends:
+head, FedIT, 1 local epoch (``--local-epochs``), 10 rounds. The baseline ``fp32`` is what FlowerTune sends:
 dense fp32 both ways (``codec=fp32``, ``downlink-codec=fp32``). Every other setting
 changes the uplink ``codec`` (``ENCODING@DENSITY`` for top-k) and uses one downlink
-codec for all (``--downlink``, default the run-config default ``topk-ternary@0.1``),
-with error feedback on both sides as configured by default. Settings run in the order
+codec for all (``--downlink``, default the run-config default ``topk-ternary@0.1``;
+``--downlink fp32`` isolates what each uplink encoding costs), unless the setting names
+its own (``UP/DOWN``, e.g. ``topk-ternary@0.1/topk-ternary@0.1``), with error feedback on
+both sides as configured by default. Settings run in the order
 given, the baseline first; ``--reuse`` takes a setting's finished run of the identical
 config from its out directory instead of running it again (to finish an interrupted run).
 
@@ -98,11 +100,22 @@ def run_config(args: argparse.Namespace, uplink: Setting, downlink: Setting) -> 
     return RunConfig.from_mapping({
         "train-data": str(DATA / "ag_news" / "train.csv"), "test-data": str(DATA / "ag_news" / "test.csv"),
         **report.scenario_options(args), "partition": "dirichlet", "dirichlet-alpha": 0.5,
-        "lora-rank": 8, "aggregator": "fedit", "local-epochs": 1,
+        "lora-rank": 8, "aggregator": "fedit",
         "codec": uplink.encoding, "density": uplink.density,
         "downlink-codec": downlink.encoding, "downlink-density": downlink.density,
-        "out": str(Path(args.runs) / uplink.label), "resume": False,
+        "out": str(Path(args.runs) / run_label(uplink, downlink)), "resume": False,
     }, allow_extra=False)
+
+
+def run_label(uplink: Setting, downlink: Setting) -> str:
+    """A run's name: its uplink setting, plus the downlink where it is not the same."""
+    return uplink.label if uplink == downlink else f"{uplink.label}_down-{downlink.label}"
+
+
+def parse_run(text: str, downlink: Setting) -> tuple[Setting, Setting]:
+    """``UP`` (downlink ``downlink``) or ``UP/DOWN`` -> (uplink, downlink) settings."""
+    up, _, down = text.partition("/")
+    return Setting.parse(up), Setting.parse(down) if down else downlink
 
 
 def per_client(rounds: list[dict[str, Any]], key: str) -> int:
@@ -119,13 +132,16 @@ def finished(config: RunConfig) -> dict[str, Any] | None:
     return summary if done and summary["config"] == json.loads(config.to_json()) else None
 
 
-def run_one(args: argparse.Namespace, uplink: Setting, downlink: Setting) -> dict[str, Any]:
+def run_one(args: argparse.Namespace, uplink: Setting, downlink: Setting,
+            default_down: Setting) -> dict[str, Any]:
     config = run_config(args, uplink, downlink)
     summary = finished(config) if args.reuse else None
     if summary is not None:
         console.print(f"reusing the finished run in {config.out}")
     rounds = (summary or simulate(config))["rounds"]
-    return {"setting": uplink.label, "encoding": uplink.encoding, "density": uplink.density,
+    label = uplink.label if downlink == default_down or uplink.label == BASELINE else \
+        f"{uplink.label}/{downlink.label}"
+    return {"setting": label, "encoding": uplink.encoding, "density": uplink.density,
             "downlink": downlink.label, "accuracy": rounds[-1]["accuracy"],
             "bytes_up": per_client(rounds, "bytes_up"), "bytes_down": per_client(rounds, "bytes_down"),
             "dropped": sum(len(r.get("dropped", [])) for r in rounds),
@@ -218,18 +234,18 @@ def main() -> None:
     # Ray kills its workers once the *machine* passes 95% memory; on a shared machine other
     # processes' memory would cost this run client updates (each shows in ``dropped``)
     os.environ.setdefault("RAY_memory_usage_threshold", "0.98")
-    labels = [s for s in args.settings.split(",") if s.strip()]
-    settings = [Setting.parse(BASELINE)] + [s for s in map(Setting.parse, labels) if s.label != BASELINE]
     downlink = Setting.parse(args.downlink)
+    baseline = Setting.parse(BASELINE)
+    runs = [(baseline, baseline)] + [run for run in (parse_run(s, downlink) for s in args.settings.split(",")
+                                                      if s.strip()) if run[0] != baseline]
     rows = []
-    for i, setting in enumerate(settings, 1):
-        down = setting if setting.label == BASELINE else downlink
-        console.rule(f"[bold]run {i}/{len(settings)}: up {setting.label}, down {down.label}")
-        rows.append(run_one(args, setting, down))
+    for i, (setting, down) in enumerate(runs, 1):
+        console.rule(f"[bold]run {i}/{len(runs)}: up {setting.label}, down {down.label}")
+        rows.append(run_one(args, setting, down, downlink))
         console.print(f"[green]{setting.label}[/]: accuracy {rows[-1]['accuracy']:.4f}, "
                       f"up {rows[-1]['bytes_up']:,} B, down {rows[-1]['bytes_down']:,} B, "
                       f"{rows[-1]['minutes']:.1f} min")
-    compare(rows, last_increment(run_config(args, settings[0], settings[0]).out), args.repeats)
+    compare(rows, last_increment(run_config(args, baseline, baseline).out), args.repeats)
     console.print(report.rich_table(rows, COLUMNS, title="wire formats (bytes per client per round)",
                              left=("setting", "encoding", "downlink", "target_up")))
     if args.no_publish:
@@ -239,10 +255,12 @@ def main() -> None:
             title="Wire formats: accuracy, bytes and codec time per encoding", columns=COLUMNS,
             notes=(f"AG News, {args.clients} clients, Dirichlet 0.5, {args.rounds} rounds, "
                    f"{args.max_train_examples} train examples per client, {args.test_examples} test "
-                   f"examples, FedIT, LoRA r=8 on query/value + head, 1 local epoch, batch "
+                   f"examples, FedIT, LoRA r=8 on query/value + head, {args.local_epochs} local "
+                   f"epoch(s), batch "
                    f"{args.batch_size}, lr {args.learning_rate}, seed {args.seed}. "
                    f"`fp32` = dense fp32 up and down (the FlowerTune-style baseline); every other row "
-                   f"uses downlink {downlink.label}; error feedback on both sides. accuracy = final "
+                   f"uses downlink {downlink.label} unless its setting says `UP/DOWN`; error feedback "
+                   "on both sides. accuracy = final "
                    f"round; vs_fp32 = accuracy difference in points (one seed: {args.test_examples} test "
                    f"examples give one accuracy a standard error of {standard_error(rows, args):.1f} "
                    "points). bytes = per client per round, mean over "

@@ -15,6 +15,12 @@ the common expert is that base model itself with every adapter switched off:
   over the example's k experts (MoLoRA-style mixing of the experts' adapter outputs).
   With k = 1 an example sees exactly one expert, i.e. expert e alone is a standard LoRA
   model, which is what :meth:`MixtureModel.export` writes per expert.
+* **expert heads** (``expert-heads``, on by default): FedJETs' experts are whole models,
+  classifier included, and a label-skewed population needs its expert to shift the class
+  scores, not only the features. Each expert owns a zero-initialised correction
+  ``(D_e, c_e)`` of the shared classification head, mixed by the same routing weights:
+  ``logits = W h + b + sum_j w_j (D_{e_j} h + c_{e_j})``; it travels with the expert
+  (``experts.{e}.classifier.delta_weight`` / ``.delta_bias``).
 * **efficiency**: one base forward per batch whatever k and E are; in each adapted
   layer the batch is grouped by expert and each expert runs only on its rows
   (``index_select`` / ``index_add``). The LoRA experts are implemented directly rather
@@ -66,6 +72,7 @@ from pollinate.modeling import (
 from pollinate.spec import Tensors
 
 GATE_PREFIX = "gate."
+HEAD_DELTA_WEIGHT, HEAD_DELTA_BIAS = "delta_weight", "delta_bias"  # an expert's head correction
 STARTS = ("assign", "kmeans")
 CHOICES = ("balanced", "gate")
 _EXPERT = re.compile(r"^experts\.(\d+)\.")
@@ -93,6 +100,7 @@ class ExpertConfig:
     choice: str = "balanced"
     kmeans_data: str = ""
     anchors: tuple[int, ...] = ()
+    expert_heads: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -141,7 +149,7 @@ class ExpertConfig:
     @property
     def structure(self) -> tuple[int, int]:
         """What the model's tensors depend on (the rest only changes how it runs)."""
-        return self.experts, self.gate_hidden
+        return self.experts, self.gate_hidden, self.expert_heads
 
 
 def _key(name: str) -> str:
@@ -157,6 +165,11 @@ def _coerce_option(key: str, value: Any, annotation: str) -> Any:
         except ConfigError as err:
             raise ConfigError(f"expert-routing: {key} must be partition ids separated by ':' "
                               f"(e.g. 0:5:10), got {value!r}") from err
+    if annotation == "bool":
+        text = str(value).strip().lower()
+        if text not in ("true", "false", "1", "0"):
+            raise ConfigError(f"expert-routing: {key} must be true or false, got {value!r}")
+        return text in ("true", "1")
     kind = {"int": int, "float": float, "str": str}[annotation]
     if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
         raise ConfigError(f"expert-routing: {key} must be of type {annotation}, got {value!r}")
@@ -181,6 +194,19 @@ def expert_of(name: str) -> int | None:
 def expert_tensors(state: Mapping[str, torch.Tensor], experts: Sequence[int]) -> Tensors:
     wanted = set(experts)
     return {n: t for n, t in state.items() if expert_of(n) in wanted}
+
+
+def single_expert_state(state: Mapping[str, torch.Tensor], expert: int, heads: Sequence[str]) -> Tensors:
+    """Expert ``expert`` as a plain LoRA model's adapter: its factors, and the shared head
+    plus its head correction (top-1 routing to the expert computes exactly that model)."""
+    prefix = expert_prefix(expert)
+    single = {n.removeprefix(prefix): t for n, t in expert_tensors(state, [expert]).items()}
+    merged = {name: state[name].clone() for name in heads}
+    for name in list(single):
+        module, _, kind = name.rpartition(".")
+        if kind in (HEAD_DELTA_WEIGHT, HEAD_DELTA_BIAS):
+            merged[f"{module}.{kind.removeprefix('delta_')}"] += single.pop(name)
+    return {**single, **merged}
 
 
 def router_tensors(state: Mapping[str, torch.Tensor]) -> Tensors:
@@ -294,6 +320,40 @@ class ExpertLinear(nn.Module):
         return F.linear(F.linear(self.dropout(x), self.lora_A[expert]), self.lora_B[expert]) * self.scaling
 
 
+class ExpertHead(nn.Linear):
+    """The shared classification head (its ``weight``/``bias`` keep their names) plus a
+    zero-initialised correction per expert, mixed per example by ``routing``."""
+
+    def __init__(self, head: nn.Linear, routing: Routing):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = head.in_features, head.out_features
+        self.weight, self.bias = head.weight, head.bias
+        self.routing = routing
+        self.delta_weight = nn.ParameterList()
+        self.delta_bias = nn.ParameterList()
+
+    def reset(self, experts: int) -> None:
+        shape, device = (self.out_features, self.in_features), self.weight.device
+        self.delta_weight = nn.ParameterList(nn.Parameter(torch.zeros(shape, device=device))
+                                             for _ in range(experts))
+        self.delta_bias = nn.ParameterList(nn.Parameter(torch.zeros(shape[0], device=device))
+                                           for _ in range(experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        if self.routing.index is None or not len(self.delta_weight):
+            return out
+        weights, biases = torch.stack(list(self.delta_weight)), torch.stack(list(self.delta_bias))
+        for slot in range(self.routing.index.shape[1]):
+            index = self.routing.index[:, slot]
+            mix = self.routing.weight[:, slot].to(x.dtype)
+            correction = torch.einsum("boi,b...i->b...o", weights[index].to(x.dtype), x)
+            correction = correction + biases[index].to(x.dtype).view(
+                index.shape[0], *([1] * (x.dim() - 2)), -1)
+            out = out + correction * mix.view(-1, *([1] * (x.dim() - 1)))
+        return out
+
+
 class Gate(nn.Module):
     """``c (W2 tanh(W1 e + b1) + b2)`` on the common expert's normalised embedding ``e``.
 
@@ -401,11 +461,13 @@ class MixtureNet(nn.Module):
 class MixtureModel(AdapterModel):
     """E LoRA experts + gate + shared head as one named-tensor adapter (see the module doc)."""
 
-    def __init__(self, net: MixtureNet, tokenizer: Any, spec: ModelSpec, layers: dict[str, ExpertLinear]):
+    def __init__(self, net: MixtureNet, tokenizer: Any, spec: ModelSpec, layers: dict[str, ExpertLinear],
+                 heads: dict[str, ExpertHead]):
         self.model = net
         self.tokenizer = tokenizer
         self.spec = spec
         self.layers = layers
+        self.heads = heads
         self._base_originals: dict[str, torch.Tensor] = {}
         self._build()
         self._initial_head = {n: self._params[n].detach().clone() for n in self.head_names()}
@@ -439,6 +501,8 @@ class MixtureModel(AdapterModel):
             torch.manual_seed(config.seed)
             for layer in self.layers.values():
                 layer.reset(config.experts, self.spec.rank)
+            for head in self.heads.values():
+                head.reset(config.experts if config.expert_heads else 0)
             self.model.gate = Gate(self.model.dim, config.gate_hidden, config.experts).to(self.device)
         self._index_params()
 
@@ -448,10 +512,14 @@ class MixtureModel(AdapterModel):
             for e, (a, b) in enumerate(zip(layer.lora_A, layer.lora_B, strict=True)):
                 params[f"{expert_prefix(e)}{path}.lora_A.weight"] = a
                 params[f"{expert_prefix(e)}{path}.lora_B.weight"] = b
+        for path, head in self.heads.items():
+            for e, (w, b) in enumerate(zip(head.delta_weight, head.delta_bias, strict=True)):
+                params[f"{expert_prefix(e)}{path}.{HEAD_DELTA_WEIGHT}"] = w
+                params[f"{expert_prefix(e)}{path}.{HEAD_DELTA_BIAS}"] = b
         for name, param in self.model.gate.named_parameters():
             params[GATE_PREFIX + name] = param
         for name, param in self.model.base.named_parameters():
-            if name.split(".")[0] in HEAD_MODULES:
+            if name.split(".")[0] in HEAD_MODULES and ".delta_" not in name:
                 params[name] = param
         for param in params.values():
             param.requires_grad_(True)
@@ -495,12 +563,9 @@ class MixtureModel(AdapterModel):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = self.adapter_state() if state is None else state
-        heads = {n: state[n] for n in self.head_names()}
         plain = build_model(self.spec, "cpu")
         for e in range(self.num_experts):
-            prefix = expert_prefix(e)
-            single = {n.removeprefix(prefix): t for n, t in expert_tensors(state, [e]).items()}
-            plain.export(directory / f"expert-{e}", {**single, **heads})
+            plain.export(directory / f"expert-{e}", single_expert_state(state, e, self.head_names()))
         save_file({n.removeprefix(GATE_PREFIX): state[n].contiguous() for n in self.gate_names()},
                   str(directory / "gate.safetensors"))
         config = {f.name: getattr(self.config, f.name) for f in fields(self.config)}
@@ -533,8 +598,14 @@ def build_mixture(spec: ModelSpec, device: torch.device | str = "cpu",
             setattr(base.get_submodule(parent_path), child, layers[path])
     if not layers:
         raise ConfigError(f"target-modules: {targets} match no linear layer of {spec.name or 'minilm'}")
+    heads: dict[str, ExpertHead] = {}
+    for path in HEAD_MODULES:
+        module = getattr(base, path, None)
+        if isinstance(module, nn.Linear):
+            heads[path] = ExpertHead(module, routing)
+            setattr(base, path, heads[path])
     net = MixtureNet(base, routing, base.config.hidden_size, config or ExpertConfig(seed=spec.seed))
-    return MixtureModel(net, tokenizer, spec, layers)
+    return MixtureModel(net, tokenizer, spec, layers, heads)
 
 
 # -- label-free gate initialisation -------------------------------------------------------

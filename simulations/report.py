@@ -101,6 +101,8 @@ def federation_arguments(parser: argparse.ArgumentParser, *, runs: str, examples
     parser.add_argument("--test-examples", type=int, default=test_examples)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=5e-3)
+    parser.add_argument("--local-epochs", type=int, default=1,
+                        help="passes over its data a client makes per round")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs", default=runs, help="where each federation writes its run directory")
     parser.add_argument("--no-publish", action="store_true", help="smoke run: print, write nothing")
@@ -111,7 +113,8 @@ def scenario_options(args: argparse.Namespace) -> dict[str, Any]:
     """Run-config options of the shared scenario arguments (see :func:`federation_arguments`)."""
     return {"num-clients": args.clients, "num-server-rounds": args.rounds,
             "max-train-examples": args.max_train_examples, "test-examples": args.test_examples,
-            "batch-size": args.batch_size, "learning-rate": args.learning_rate, "seed": args.seed}
+            "batch-size": args.batch_size, "learning-rate": args.learning_rate,
+            "local-epochs": args.local_epochs, "seed": args.seed}
 
 
 def save_figure(fig: Any, path: Path) -> Path:

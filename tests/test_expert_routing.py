@@ -23,7 +23,7 @@ from pollinate.client.trainer import train
 from pollinate.codec import Delta, DeltaHeader, decode, encode
 from pollinate.config import ConfigError, RunConfig
 from pollinate.deltas import add
-from pollinate.experts import RoutingPolicy, expert_of, expert_prefix, expert_tensors
+from pollinate.experts import RoutingPolicy, expert_of, single_expert_state
 from pollinate.modeling import ModelSpec, build_model
 from pollinate.personalize import personalize
 from pollinate.protocol import downlink_codec, uplink_codec
@@ -98,6 +98,7 @@ def federated_round(model, aggregator: ExpertRouting, config: RunConfig, state, 
     ("experts=two", "experts must be of type int"),
     ("start=kmeans", "needs kmeans-data"),
     ("choice=mine", "choice must be one of"),
+    ("expert-heads=maybe", "expert-heads must be true or false"),
     ("anchors=0:1:2,experts=2,client-experts=1,top-k=1", "3 anchors for 2 experts"),
 ])
 def test_bad_options_fail_with_a_clear_message(options, message):
@@ -111,8 +112,9 @@ def test_one_expert_alone_is_exactly_a_peft_lora_model(model):
     aggregator = ExpertRouting(**run_config("experts=3,client-experts=1,top-k=1").aggregator_option_map)
     state = aggregator.initial_state(model)
     generator = torch.Generator().manual_seed(0)
-    state = {n: torch.randn(t.shape, generator=generator) * 0.05 if ".lora_B" in n else t
+    state = {n: torch.randn(t.shape, generator=generator) * 0.05 if ".lora_B" in n or ".delta_" in n else t
              for n, t in state.items()}
+    assert any(".classifier.delta_weight" in n for n in state)  # each expert has its own head correction
     ExpertClient(aggregator.options, {}).load_global(model, state)
     plain = build_model(SPEC)
     batch = model.tokenizer(["market stock profit", "goal match team", "vote border army"],
@@ -121,8 +123,7 @@ def test_one_expert_alone_is_exactly_a_peft_lora_model(model):
     plain.model.eval()
     with torch.no_grad():
         for e in range(3):
-            single = {n.removeprefix(expert_prefix(e)): t for n, t in expert_tensors(state, [e]).items()}
-            plain.load_adapter_state({**single, **{n: state[n] for n in model.head_names()}})
+            plain.load_adapter_state(single_expert_state(state, e, model.head_names()))
             model.set_policy(RoutingPolicy(allowed=(e,), top_k=1))
             torch.testing.assert_close(model.model(**batch).logits, plain.model(**batch).logits,
                                        rtol=0, atol=1e-6)
