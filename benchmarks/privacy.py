@@ -1,7 +1,7 @@
 """Differential privacy on AG News: accuracy against epsilon, and the cost of DP-SGD on the CPU.
 
 10 clients (Dirichlet 0.5), 300 training examples per client, 1000 test examples, FedIT,
-the default codec (top-k ternary, density 0.1, error feedback), batch 32, one local
+top-k ternary at density 0.1 both ways with error feedback, batch 32, one local
 epoch per round, one seed, the same hyperparameters for every setting (none tuned for
 DP). Settings:
 
@@ -60,7 +60,8 @@ def base_config(args: argparse.Namespace, **options: Any) -> RunConfig:
     return RunConfig.from_mapping({
         "train-data": str(DATA / "ag_news" / "train.csv"), "test-data": str(DATA / "ag_news" / "test.csv"),
         **report.scenario_options(args), "partition": "dirichlet", "dirichlet-alpha": 0.5,
-        "resume": False, "delta": 1e-5,
+        "resume": False, "delta": 1e-5, "codec": "topk-ternary", "density": 0.1,
+        "downlink-codec": "topk-ternary", "downlink-density": 0.1,
         **options}, allow_extra=False)
 
 
@@ -233,7 +234,8 @@ def main() -> None:
             title="Differential privacy: accuracy vs epsilon, DP-SGD cost (AG News)", columns=COLUMNS,
             notes=(f"{args.clients} clients, Dirichlet 0.5, {args.rounds} rounds, "
                    f"{args.max_train_examples} train examples per client, {args.test_examples} test "
-                   f"examples, FedIT unless the name says `@AGGREGATOR`, default codec, batch "
+                   f"examples, FedIT unless the name says `@AGGREGATOR`, top-k ternary codec (density "
+                   "0.1) both ways, batch "
                    f"{args.batch_size}, learning rate {args.learning_rate}, {args.local_epochs} local "
                    f"epoch(s), one seed ({args.seed}), delta 1e-5. "
                    "epsilon = the final round's (sample/client-local: the largest a client reported; "

@@ -76,7 +76,7 @@ class RunConfig:
     noise_multiplier: float = -1.0
     clip_norm: float = 1.0
     # wire format
-    codec: str = "topk-ternary"
+    codec: str = "topk-int8"
     density: float = 0.1
     error_feedback: bool = True
     downlink_codec: str = "topk-ternary"
