@@ -72,7 +72,8 @@ from pollinate.modeling import (
 from pollinate.spec import Tensors
 
 GATE_PREFIX = "gate."
-HEAD_DELTA_WEIGHT, HEAD_DELTA_BIAS = "delta_weight", "delta_bias"  # an expert's head correction
+# an expert's head correction -> the shared head tensor it corrects
+HEAD_DELTAS = {"delta_weight": "weight", "delta_bias": "bias"}
 STARTS = ("assign", "kmeans")
 CHOICES = ("balanced", "gate")
 _EXPERT = re.compile(r"^experts\.(\d+)\.")
@@ -204,8 +205,8 @@ def single_expert_state(state: Mapping[str, torch.Tensor], expert: int, heads: S
     merged = {name: state[name].clone() for name in heads}
     for name in list(single):
         module, _, kind = name.rpartition(".")
-        if kind in (HEAD_DELTA_WEIGHT, HEAD_DELTA_BIAS):
-            merged[f"{module}.{kind.removeprefix('delta_')}"] += single.pop(name)
+        if kind in HEAD_DELTAS:
+            merged[f"{module}.{HEAD_DELTAS[kind]}"] += single.pop(name)
     return {**single, **merged}
 
 
@@ -337,19 +338,21 @@ class ExpertHead(nn.Linear):
         self.delta_weight = nn.ParameterList(nn.Parameter(torch.zeros(shape, device=device))
                                              for _ in range(experts))
         self.delta_bias = nn.ParameterList(nn.Parameter(torch.zeros(shape[0], device=device))
-                                           for _ in range(experts))
+                                           for _ in range(experts if self.bias is not None else 0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)
         if self.routing.index is None or not len(self.delta_weight):
             return out
-        weights, biases = torch.stack(list(self.delta_weight)), torch.stack(list(self.delta_bias))
+        weights = torch.stack(list(self.delta_weight))
+        biases = torch.stack(list(self.delta_bias)) if len(self.delta_bias) else None
         for slot in range(self.routing.index.shape[1]):
             index = self.routing.index[:, slot]
             mix = self.routing.weight[:, slot].to(x.dtype)
             correction = torch.einsum("boi,b...i->b...o", weights[index].to(x.dtype), x)
-            correction = correction + biases[index].to(x.dtype).view(
-                index.shape[0], *([1] * (x.dim() - 2)), -1)
+            if biases is not None:  # a head without bias (Llama's score) gets no bias correction
+                correction = correction + biases[index].to(x.dtype).view(
+                    index.shape[0], *([1] * (x.dim() - 2)), -1)
             out = out + correction * mix.view(-1, *([1] * (x.dim() - 1)))
         return out
 
@@ -513,13 +516,14 @@ class MixtureModel(AdapterModel):
                 params[f"{expert_prefix(e)}{path}.lora_A.weight"] = a
                 params[f"{expert_prefix(e)}{path}.lora_B.weight"] = b
         for path, head in self.heads.items():
-            for e, (w, b) in enumerate(zip(head.delta_weight, head.delta_bias, strict=True)):
-                params[f"{expert_prefix(e)}{path}.{HEAD_DELTA_WEIGHT}"] = w
-                params[f"{expert_prefix(e)}{path}.{HEAD_DELTA_BIAS}"] = b
+            for kind in HEAD_DELTAS:
+                for e, param in enumerate(getattr(head, kind)):
+                    params[f"{expert_prefix(e)}{path}.{kind}"] = param
         for name, param in self.model.gate.named_parameters():
             params[GATE_PREFIX + name] = param
-        for name, param in self.model.base.named_parameters():
-            if name.split(".")[0] in HEAD_MODULES and ".delta_" not in name:
+        corrections = {id(p) for p in params.values()}
+        for name, param in self.model.base.named_parameters():  # the shared head
+            if name.split(".")[0] in HEAD_MODULES and id(param) not in corrections:
                 params[name] = param
         for param in params.values():
             param.requires_grad_(True)
