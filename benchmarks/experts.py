@@ -117,8 +117,11 @@ def federation(split: Split, setup: Setup, out: Path) -> RunConfig:
                      resume=False)
 
 
-def expert_config(base: RunConfig, experts: int) -> RunConfig:
-    options = f"experts={experts},client-experts=2,top-k=1"
+def expert_config(base: RunConfig, experts: int, start: str, choice: str, public: Path) -> RunConfig:
+    """E experts, 2 per client, top-1 routing; ``start=kmeans`` clusters the unlabelled public texts."""
+    options = f"experts={experts},client-experts=2,top-k=1,start={start},choice={choice}"
+    if start == "kmeans":
+        options += f",kmeans-data={public}"
     return base.replace(aggregator="expert-routing", aggregator_options=options,
                         out=base.out + "-experts")
 
@@ -180,11 +183,11 @@ def _simulate(name: str, config: RunConfig) -> dict:
     return {**summary, "wall": time.perf_counter() - started}
 
 
-def run_dataset(name: str, setup: Setup, work: Path) -> list[dict]:
+def run_dataset(name: str, setup: Setup, work: Path, start: str, choice: str) -> list[dict]:
     split = make_split(name, work / name, setup)
     base = federation(split, setup, work / name / "run")
     num_labels = DATASETS[name]["classes"]
-    experts_cfg = expert_config(base, DATASETS[name]["experts"])
+    experts_cfg = expert_config(base, DATASETS[name]["experts"], start, choice, work / name / "public.csv")
     summaries = {"expert_routing": _simulate(name, experts_cfg)}
     trained = summaries["expert_routing"]["rounds"][1:]
     per_update = sum(r["bytes_up"] for r in trained) / sum(r["clients"] for r in trained)
@@ -205,8 +208,8 @@ def run_dataset(name: str, setup: Setup, work: Path) -> list[dict]:
     held_fedavg = [evaluate(plain, encoded(t, plain, base))["accuracy"] for t in split.held_out]
     mine_fedavg = [evaluate(plain, encoded(t, plain, base))["accuracy"]
                    for _, t in track(clients, description=f"{name}: participants (fedavg)")]
-    common = {"dataset": name, "rounds": setup.rounds, "held_out_clients": len(split.held_out),
-              "participants": len(clients)}
+    common = {"dataset": name, "rounds": setup.rounds, "examples_per_client": setup.examples,
+              "held_out_clients": len(split.held_out), "participants": len(clients)}
     return [
         {**common, "system": "expert_routing",
          "heldout_accuracy": _mean(r.top1["accuracy"] for r in held),
@@ -217,7 +220,7 @@ def run_dataset(name: str, setup: Setup, work: Path) -> list[dict]:
          "bytes_up": _bytes_up(summaries["expert_routing"]),
          "jit_bytes_down": round(_mean(r.bytes_downloaded for r in held)),
          "heldout_per_client": [round(r.top1["accuracy"], 4) for r in held],
-         "heldout_experts": [list(r.experts) for r in held],
+         "heldout_experts": [list(r.experts) for r in held], "start": start, "choice": choice,
          "density": experts_cfg.density, "wall_seconds": round(summaries["expert_routing"]["wall"])},
         {**common, "system": "fedavg", "heldout_accuracy": _mean(held_fedavg),
          "participant_accuracy": _mean(mine_fedavg),
@@ -268,22 +271,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny run to check the pipeline")
     parser.add_argument("--rounds", type=int, default=0, help="override the number of rounds")
+    parser.add_argument("--examples", type=int, default=0, help="override training examples per participant")
+    parser.add_argument("--start", choices=("assign", "kmeans"), default="kmeans",
+                        help="expert routing's symmetry breaking (kmeans: on the unlabelled public texts)")
+    parser.add_argument("--choice", choices=("balanced", "gate"), default="balanced",
+                        help="who trains which expert: server-balanced or each client's top experts")
     parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-experts")
+    parser.add_argument("--no-publish", action="store_true", help="print the table, write nothing")
     args = parser.parse_args()
     if not (SHARED / "ag_news" / "train.csv").exists():
         raise SystemExit(f"datasets not found under {SHARED}")
     setup = SMOKE if args.smoke else FULL
     if args.rounds:
         setup = replace(setup, rounds=args.rounds)
+    if args.examples:
+        setup = replace(setup, examples=args.examples)
     rows = []
     for name in args.datasets.split(","):
-        rows += run_dataset(name, setup, args.work)
+        rows += run_dataset(name, setup, args.work, args.start, args.choice)
     columns = ("dataset", "system", "heldout_accuracy", "heldout_mixture_accuracy", "participant_accuracy",
                "server_accuracy", "bytes_up", "jit_bytes_down", "rounds")
     console.print(rich_table(rows, columns, left=("dataset", "system"),
                              title="Zero-shot accuracy of held-out clients: expert routing vs FedAvg-LoRA"))
-    if args.smoke:
+    if args.smoke or args.no_publish:
         return
     gaps = {name: _gap(rows, name) for name in dict.fromkeys(r["dataset"] for r in rows)}
     png = RESULTS / "experts.png"
@@ -293,7 +304,8 @@ def main() -> None:
         f"20 label-skewed clients (partition=classes), 4 held out entirely; 16 train for {setup.rounds} "
         f"rounds, {setup.examples} examples each (2 local epochs, lr 0.01). expert_routing: "
         + ", ".join(f"{k} {v['experts']}" for k, v in DATASETS.items()) + f" rank-{setup.rank} "
-        f"experts, 2 per client (server-balanced choice), top-1 routing, label-free start=assign; "
+        f"experts, 2 per client (choice={args.choice}), top-1 routing, label-free start={args.start}"
+        f"{' (on the ' + str(PUBLIC) + ' unlabelled public texts)' if args.start == 'kmeans' else ''}; "
         f"fedavg: fedit at rank "
         f"{2 * setup.rank} with top-k density calibrated to equal uplink bytes. heldout_accuracy: "
         f"zero-shot on the held-out client's own data (expert routing: its highest-scoring downloaded "

@@ -38,9 +38,21 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
+SGD_MOMENTUM = 0.9
+
+
 def make_optimizer(model: AdapterModel, config: RunConfig) -> torch.optim.Optimizer:
+    """A fresh optimizer of the trainable tensors for one round (``optimizer``: adamw or sgd).
+
+    AdamW is the default. SGD with momentum is there for DP-SGD: a round is a few steps
+    from a fresh state, and Adam's first steps move every coordinate by about the learning
+    rate whatever its gradient, so coordinates where the DP noise dominates get full-size
+    random steps; SGD moves each coordinate in proportion to its (noisy) gradient.
+    """
     params = [p for p in model.model.parameters() if p.requires_grad]
     fused = model.device.type == "cuda"
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.learning_rate, momentum=SGD_MOMENTUM)
     return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0, fused=fused or None)
 
 

@@ -23,6 +23,7 @@ class ConfigError(ValueError):
 TASKS = ("classification", "causal-lm")
 PARTITIONS = ("iid", "dirichlet", "classes")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "sgd")
 DP_MODES = ("none", "sample", "client-central", "client-local")
 
 
@@ -65,6 +66,7 @@ class RunConfig:
     local_steps: int = 0
     batch_size: int = 32
     learning_rate: float = 3e-3
+    optimizer: str = "adamw"  # sgd: momentum 0.9; DP-SGD's choice for short rounds (docs/privacy.md)
     max_grad_norm: float = 1.0
     precision: str = "auto"
     device: str = "auto"
@@ -191,7 +193,8 @@ class RunConfig:
             raise ConfigError(f"dirichlet-alpha must be > 0, got {self.dirichlet_alpha}")
         if self.classes_per_client <= 0:
             raise ConfigError(f"classes-per-client must be > 0, got {self.classes_per_client}")
-        for name, allowed in (("task", TASKS), ("partition", PARTITIONS), ("precision", PRECISIONS)):
+        for name, allowed in (("task", TASKS), ("partition", PARTITIONS), ("precision", PRECISIONS),
+                              ("optimizer", OPTIMIZERS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{_key(name)} must be one of {allowed}, got {getattr(self, name)!r}")
         if not self.target_module_list:

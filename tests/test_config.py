@@ -18,6 +18,7 @@ def test_pyproject_run_config_defaults_match_runconfig():
     ("lora-rank", -3, "lora-rank must be > 0"),
     ("density", 1.5, "density must be in (0, 1]"),
     ("partition", "zipf", "partition must be one of"),
+    ("optimizer", "adam", "optimizer must be one of"),
     ("batch-size", "many", "batch-size must be of type int"),
     ("error-feedback", "maybe", "error-feedback must be a boolean"),
     ("rank-profile", "8,0", "rank-profile ranks must all be > 0"),

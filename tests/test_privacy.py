@@ -15,6 +15,7 @@ from pollinate import data as datalib
 from pollinate.aggregators import ClientUpdate, resolve
 from pollinate.client.privacy import ClientPrivacy, example_losses, private_optimizer, private_step
 from pollinate.client.state import NodeMemory
+from pollinate.client.trainer import make_optimizer
 from pollinate.config import ConfigError, RunConfig
 from pollinate.modeling import AdapterModel, ModelSpec, build_model, canonical_name, default_model_path
 from pollinate.privacy import Budget, PrivacyError, check_private, clip, l2_norm
@@ -83,6 +84,33 @@ def test_private_step_without_noise_or_clipping_equals_a_plain_step(model, batch
     assert any(not torch.equal(plain[n], init[n]) for n in init)
     for name in init:
         assert torch.allclose(private[name], plain[name], atol=1e-6, rtol=1e-4), name
+
+
+def test_optimizer_option_sgd_steps_with_the_gradient_adamw_by_the_learning_rate(model, batch):
+    """What ``optimizer=sgd`` is for under DP: a first step proportional to the gradient."""
+    init = model.adapter_state()
+    model.model.train()
+    steps = {}
+    for name in ("sgd", "adamw"):
+        model.load_adapter_state(init)
+        optimizer = make_optimizer(model, RunConfig(optimizer=name, learning_rate=0.01))
+        torch.manual_seed(0)
+        model.model(**batch).loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.model.named_parameters() if p.requires_grad}
+        optimizer.step()
+        optimizer.zero_grad()
+        steps[name] = {n: t - init[n] for n, t in model.adapter_state().items()}
+    model.load_adapter_state(init)
+    # adapter_state names are canonical, parameter names are peft's: compare the sorted magnitudes
+    def magnitudes(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([t.flatten() for t in tensors.values()]).abs().sort().values
+
+    magnitude = {k: magnitudes(v) for k, v in steps.items()}
+    gradient = magnitudes(grads)
+    assert gradient[-1] > 0
+    assert torch.allclose(magnitude["sgd"], 0.01 * gradient, atol=1e-7)
+    moved = gradient > 1e-6
+    assert torch.allclose(magnitude["adamw"][moved], torch.full_like(gradient[moved], 0.01), rtol=1e-2)
 
 
 def test_per_sample_gradients_sum_to_the_batch_gradient_and_hooks_leave_no_trace(model, batch):
