@@ -1,9 +1,9 @@
 """Differential privacy on AG News: accuracy against epsilon, and the cost of DP-SGD on the CPU.
 
-10 clients (Dirichlet 0.5), 300 training examples per client, 1000 test examples, FedIT,
-top-k ternary at density 0.1 both ways with error feedback, batch 32, one local
-epoch per round, one seed, the same hyperparameters for every setting (none tuned for
-DP). Settings:
+10 clients (Dirichlet 0.5), ``--max-train-examples`` per client, 1000 test examples, FedIT,
+the ``--codec`` both ways (default top-k ternary at density 0.1 with error feedback),
+one seed, the same hyperparameters for every setting unless ``--dp-optimizer`` /
+``--dp-learning-rate`` give DP settings their own. Settings:
 
 * ``none``: no DP, the baseline;
 * ``sample``: DP-SGD on every client at target epsilon 1, 3 and 8 (delta 1e-5) for the
@@ -60,9 +60,17 @@ def base_config(args: argparse.Namespace, **options: Any) -> RunConfig:
     return RunConfig.from_mapping({
         "train-data": str(DATA / "ag_news" / "train.csv"), "test-data": str(DATA / "ag_news" / "test.csv"),
         **report.scenario_options(args), "partition": "dirichlet", "dirichlet-alpha": 0.5,
-        "resume": False, "delta": 1e-5, "codec": "topk-ternary", "density": 0.1,
-        "downlink-codec": "topk-ternary", "downlink-density": 0.1,
+        "resume": False, "delta": 1e-5, **codec_options(args.codec),
         **options}, allow_extra=False)
+
+
+def codec_options(codec: str) -> dict[str, Any]:
+    """``topk-ternary@0.1`` -> that codec and density, uplink and downlink alike."""
+    name, _, density = codec.partition("@")
+    options = {"codec": name, "downlink-codec": name}
+    if density:
+        options |= {"density": float(density), "downlink-density": float(density)}
+    return options
 
 
 def split_setting(name: str) -> tuple[str, str]:
@@ -74,7 +82,9 @@ def split_setting(name: str) -> tuple[str, str]:
 def setting_options(name: str, args: argparse.Namespace, clip_norm: float) -> dict[str, Any]:
     """Run-config options of a named setting (see the module docstring)."""
     setting, aggregator = split_setting(name)
-    return {"aggregator": aggregator, **dp_options(setting, args, clip_norm)}
+    own = {"optimizer": args.dp_optimizer, "learning-rate": args.dp_learning_rate or args.learning_rate}
+    return {"aggregator": aggregator, **dp_options(setting, args, clip_norm),
+            **(own if setting != "none" else {})}
 
 
 def dp_options(setting: str, args: argparse.Namespace, clip_norm: float) -> dict[str, Any]:
@@ -94,7 +104,8 @@ def time_local_training(args: argparse.Namespace) -> dict[str, Any]:
     model = build_model(ModelSpec(num_labels=4))
     table = datalib.client_table(config, datalib.train_table(config), 0, args.clients)
     data = datalib.encode(table, model.tokenizer, config.task, config.max_length)
-    private = config.replace(dp="sample", target_epsilon=8.0)
+    private = config.replace(dp="sample", target_epsilon=8.0, optimizer=args.dp_optimizer,
+                             learning_rate=args.dp_learning_rate or args.learning_rate)
     plan = plan_for(private, len(data))
     init = model.adapter_state()
     plain_seconds, dp_seconds, norms = [], [], []
@@ -197,6 +208,11 @@ def main() -> None:
     parser.add_argument("--low-noise", type=float, default=0.1, help="client-level noise multiplier")
     parser.add_argument("--high-noise", type=float, default=1.0, help="client-level noise multiplier")
     parser.add_argument("--timing-repeats", type=int, default=3)
+    parser.add_argument("--codec", default="topk-ternary@0.1", help="NAME[@DENSITY], both ways")
+    parser.add_argument("--dp-optimizer", default="adamw", choices=("adamw", "sgd"),
+                        help="optimizer of the DP settings (none keeps adamw)")
+    parser.add_argument("--dp-learning-rate", type=float, default=0.0,
+                        help="learning rate of the DP settings (0: --learning-rate)")
     parser.add_argument("--num-cpus", type=int, default=1,
                         help="Ray CPUs, i.e. concurrent client actors (each holds a model in memory)")
     parser.add_argument("--fresh", action="store_true", help="recompute parts finished by an earlier run")
@@ -234,9 +250,10 @@ def main() -> None:
             title="Differential privacy: accuracy vs epsilon, DP-SGD cost (AG News)", columns=COLUMNS,
             notes=(f"{args.clients} clients, Dirichlet 0.5, {args.rounds} rounds, "
                    f"{args.max_train_examples} train examples per client, {args.test_examples} test "
-                   f"examples, FedIT unless the name says `@AGGREGATOR`, top-k ternary codec (density "
-                   "0.1) both ways, batch "
-                   f"{args.batch_size}, learning rate {args.learning_rate}, {args.local_epochs} local "
+                   f"examples, FedIT unless the name says `@AGGREGATOR`, codec {args.codec} both ways, batch "
+                   f"{args.batch_size}, AdamW at learning rate {args.learning_rate} (DP settings: "
+                   f"{args.dp_optimizer} at {args.dp_learning_rate or args.learning_rate}), "
+                   f"{args.local_epochs} local "
                    f"epoch(s), one seed ({args.seed}), delta 1e-5. "
                    "epsilon = the final round's (sample/client-local: the largest a client reported; "
                    "client-central: the server's accountant); noise_multiplier = mean over clients "
