@@ -139,11 +139,13 @@ def cached(args: argparse.Namespace, name: str, compute: Any, defaults: dict[str
     """``compute()``, or its result from an earlier invocation with the same arguments.
 
     The machine is shared and a run can be killed hours in; finished parts are kept in
-    ``--runs`` (``--fresh`` ignores them). An argument added to this script after a part
-    was saved matches that part when it has its default value.
+    ``--runs`` (``--fresh`` ignores them). The key is every argument the part depends on
+    (:func:`unused_arguments`); an argument added to this script after a part was saved
+    matches that part when it has its default value.
     """
     path = Path(args.runs) / f"{name}.json"
-    key = {k: v for k, v in vars(args).items() if k not in ("settings", "no_publish", "fresh")}
+    unused = {"settings", "no_publish", "fresh", *unused_arguments(name)}
+    key = {k: v for k, v in vars(args).items() if k not in unused}
     if path.exists() and not args.fresh:
         saved = json.loads(path.read_text())
         if {k: saved["args"].get(k, defaults.get(k)) for k in key} == key:
@@ -153,6 +155,14 @@ def cached(args: argparse.Namespace, name: str, compute: Any, defaults: dict[str
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"args": key, "result": result}))
     return result
+
+
+def unused_arguments(part: str) -> tuple[str, ...]:
+    """Arguments a cached part does not depend on: the DP training options for ``none``,
+    the client-level noise levels for everything but client-level settings."""
+    setting = split_setting(part)[0]
+    noise = () if setting.startswith("client-") else ("low_noise", "high_noise")
+    return noise + (("dp_optimizer", "dp_learning_rate") if setting == "none" else ())
 
 
 def run_one(args: argparse.Namespace, setting: str, clip_norm: float) -> dict[str, Any]:
