@@ -5,7 +5,7 @@ examples, FedIT, the ``--codec`` both ways (default int8-row: a dense codec, so 
 three rounds are not slowed by top-k's error feedback), one seed. The defaults are
 DP-SGD's regime: many examples per client and large Poisson batches (128), so that the
 noise on each step's mean gradient, sigma C / batch, is small; the DP settings train with
-SGD (momentum 0.9, ``--dp-learning-rate`` 1.0; AdamW's first steps are full-size in
+SGD (momentum 0.9, ``--dp-learning-rate`` 0.5; AdamW's first steps are full-size in
 noise-dominated coordinates, docs/privacy.md), ``none`` with AdamW at ``--learning-rate``.
 Settings:
 
@@ -116,8 +116,8 @@ def time_local_training(args: argparse.Namespace) -> dict[str, Any]:
     model = build_model(ModelSpec(num_labels=4))
     table = datalib.client_table(config, datalib.train_table(config), 0, args.clients)
     data = datalib.encode(table, model.tokenizer, config.task, config.max_length)
-    private = config.replace(dp="sample", target_epsilon=8.0, optimizer=args.dp_optimizer,
-                             learning_rate=args.dp_learning_rate or args.learning_rate)
+    private = base_config(args, out=config.out, **dp_options("sample-8", args, 0.0),
+                          **training_options("sample", args))
     plan = plan_for(private, len(data))
     init = model.adapter_state()
     plain_seconds, dp_seconds, norms = [], [], []
@@ -236,7 +236,7 @@ def main() -> None:
     parser.add_argument("--codec", default="int8-row", help="NAME[@DENSITY], both ways")
     parser.add_argument("--dp-optimizer", default="sgd", choices=("adamw", "sgd"),
                         help="optimizer of the DP settings (none keeps adamw)")
-    parser.add_argument("--dp-learning-rate", type=float, default=1.0,
+    parser.add_argument("--dp-learning-rate", type=float, default=0.5,
                         help="learning rate of the DP settings (0: --learning-rate)")
     parser.add_argument("--num-cpus", type=int, default=1,
                         help="Ray CPUs, i.e. concurrent client actors (each holds a model in memory)")
