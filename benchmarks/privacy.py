@@ -2,7 +2,7 @@
 
 10 clients (Dirichlet 0.5), ``--max-train-examples`` per client (default 1000), 1000 test
 examples, FedIT, the ``--codec`` both ways (default int8-row: a dense codec, so that the
-three rounds are not slowed by top-k's error feedback), one seed. The defaults are
+three rounds are not slowed by top-k's error feedback). The defaults are
 DP-SGD's regime: many examples per client and large Poisson batches (128), so that the
 noise on each step's mean gradient, sigma C / batch, is small; the DP settings train with
 SGD (momentum 0.9, ``--dp-learning-rate`` 0.5; AdamW's first steps are full-size in
@@ -28,8 +28,16 @@ Local-training time: one client's epoch with the ordinary trainer and with DP-SG
 same number of steps), alternated ``--timing-repeats`` times in this process, medians.
 The ``local_train_seconds`` of a row is the mean ``train-seconds`` its clients reported.
 
+Seeds: one run of a setting is one draw of the DP noise, the partition and the
+initialisation; on 1000 test examples the accuracy of one run moves by a few points
+from seed to seed. ``--seeds N`` runs the settings named in ``--repeated`` (default: all)
+on seeds ``--seed`` .. ``--seed + N - 1`` (the same partitions for every setting, so that
+differences are paired) and reports their mean, standard deviation and every seed's
+accuracy; the other settings run on ``--seed`` only.
+
     python benchmarks/privacy.py                                      # the full benchmark
     python benchmarks/privacy.py --rounds 1 --settings none,sample-8 --no-publish   # smoke
+    python benchmarks/privacy.py --seeds 3 --repeated none,sample-8   # the goal's pair on 3 seeds
 """
 
 from __future__ import annotations
@@ -58,7 +66,8 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SETTINGS = ("none", "none-as-dp", "sample-1", "sample-3", "sample-8", "client-central-low",
             "client-central-high", "client-local-low", "client-local-high")
 COLUMNS = ("setting", "aggregator", "optimizer", "target_epsilon", "epsilon", "noise_multiplier", "clip_norm",
-           "accuracy", "vs_none", "local_train_seconds", "device", "minutes")
+           "seeds", "accuracy", "accuracy_sd", "vs_none", "local_train_seconds", "device", "minutes")
+AVERAGED = ("accuracy", "epsilon", "noise_multiplier", "local_train_seconds", "minutes")
 console = Console()
 
 
@@ -144,7 +153,7 @@ def cached(args: argparse.Namespace, name: str, compute: Any, defaults: dict[str
     matches that part when it has its default value.
     """
     path = Path(args.runs) / f"{name}.json"
-    unused = {"settings", "no_publish", "fresh", *unused_arguments(name)}
+    unused = {"settings", "no_publish", "fresh", "seeds", "repeated", *unused_arguments(name)}
     key = {k: v for k, v in vars(args).items() if k not in unused}
     if path.exists() and not args.fresh:
         saved = json.loads(path.read_text())
@@ -194,6 +203,28 @@ def run_one(args: argparse.Namespace, setting: str, clip_norm: float) -> dict[st
             "curve": [(r["round"], r["accuracy"]) for r in summary["rounds"]]}
 
 
+def seed_arguments(args: argparse.Namespace, seed: int) -> argparse.Namespace:
+    """``args`` at another seed; its runs (and cached parts) go to ``RUNS/seed-N``."""
+    if seed == args.seed:
+        return args
+    return argparse.Namespace(**{**vars(args), "seed": seed, "runs": f"{args.runs}/seed-{seed}"})
+
+
+def over_seeds(results: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
+    """One row from a setting's runs on ``seeds``: means, the accuracy's standard deviation,
+    each seed's accuracy and the mean accuracy curve."""
+    row = dict(results[0])
+    for key in AVERAGED:
+        values = [r[key] for r in results if r[key] is not None]
+        row[key] = statistics.fmean(values) if values else None
+    accuracies = [r["accuracy"] for r in results]
+    rounds = [point[0] for point in results[0]["curve"]]
+    curves = [dict(r["curve"]) for r in results]
+    return {**row, "seeds": len(seeds), "seed_list": seeds, "accuracies": accuracies,
+            "accuracy_sd": statistics.stdev(accuracies) if len(accuracies) > 1 else None,
+            "curve": [(k, statistics.fmean(c[k] for c in curves)) for k in rounds]}
+
+
 def compare(rows: list[dict[str, Any]]) -> None:
     """``vs_none``: accuracy difference in points against the best no-DP row of the row's aggregator."""
     for row in rows:
@@ -205,6 +236,26 @@ def compare(rows: list[dict[str, Any]]) -> None:
     for row in rows:
         base = baselines.get(row["aggregator"])
         row["vs_none"] = None if base is None else 100 * (row["accuracy"] - base)
+
+
+def paired_gaps(row: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """`` (per seed: -2.1, ...)`` against the ``none`` row of the same aggregator on the same seeds."""
+    base = [r for r in rows if split_setting(r["name"]) == ("none", row["aggregator"])]
+    if row["seeds"] < 2 or not base or base[0]["seed_list"] != row["seed_list"]:
+        return ""
+    gaps = [100 * (a - b) for a, b in zip(row["accuracies"], base[0]["accuracies"], strict=True)]
+    return f" (per seed against none: {', '.join(f'{g:+.1f}' for g in gaps)})"
+
+
+def seed_note(rows: list[dict[str, Any]]) -> str:
+    """Which seeds the rows ran on, for the notes."""
+    many = [r["name"] for r in rows if r["seeds"] > 1]
+    first = rows[0]["seed_list"][0]
+    if not many:
+        return f"one seed ({first})"
+    seeds = rows[[r["name"] for r in rows].index(many[0])]["seed_list"]
+    return (f"{', '.join(many)} on seeds {seeds[0]}-{seeds[-1]} (accuracy = mean, accuracy_sd = "
+            f"standard deviation over seeds), the other rows on seed {first}")
 
 
 def plot(rows: list[dict[str, Any]], timing: dict[str, Any], path: Path) -> Path:
@@ -241,6 +292,8 @@ def main() -> None:
     parser.add_argument("--num-cpus", type=int, default=1,
                         help="Ray CPUs, i.e. concurrent client actors (each holds a model in memory)")
     parser.add_argument("--fresh", action="store_true", help="recompute parts finished by an earlier run")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds of the --repeated settings (>= 1)")
+    parser.add_argument("--repeated", default="", help="settings run on every seed (default: all)")
     report.federation_arguments(parser, runs="runs/bench/privacy")
     # DP-SGD's regime: many examples per client, large Poisson batches, few steps (docs/privacy.md)
     parser.set_defaults(rounds=3, max_train_examples=1000, batch_size=128)
@@ -248,6 +301,11 @@ def main() -> None:
     if not (DATA / "ag_news" / "train.csv").exists():
         raise SystemExit(f"datasets not found under {DATA}")
     settings = args.settings.split(",")
+    if args.seeds < 1:
+        raise SystemExit(f"--seeds must be >= 1, got {args.seeds}")
+    stray = set(filter(None, args.repeated.split(","))) - set(settings)
+    if stray:
+        raise SystemExit(f"--repeated names settings that are not in --settings: {sorted(stray)}")
     unknown = {s for s in settings if split_setting(s)[0] not in SETTINGS}
     if unknown:
         raise SystemExit(f"unknown settings {sorted(unknown)}; known: {', '.join(SETTINGS)}")
@@ -257,14 +315,21 @@ def main() -> None:
     clip_norm = timing["update_norm"]
     console.print(f"DP-SGD / ordinary = {timing['ratio']:.2f}x; client-level clip-norm = median update "
                   f"norm {clip_norm:.4g}")
+    repeated = set(args.repeated.split(",")) if args.repeated else set(settings)
     rows = []
     for i, setting in enumerate(settings, 1):
-        console.rule(f"[bold]run {i}/{len(settings)}: {setting}")
+        seeds = range(args.seed, args.seed + (args.seeds if setting in repeated else 1))
+        results = []
+        for seed in seeds:
+            console.rule(f"[bold]run {i}/{len(settings)}: {setting}, seed {seed}")
+            at_seed = seed_arguments(args, seed)
+            results.append(cached(at_seed, setting, lambda s=setting, a=at_seed: run_one(a, s, clip_norm),
+                                  defaults))
+            console.print(f"[green]{setting}[/] seed {seed}: accuracy {results[-1]['accuracy']:.4f}, "
+                          f"epsilon {results[-1]['epsilon']}, {results[-1]['minutes']:.1f} min")
         trained = training_options(split_setting(setting)[0], args)
-        rows.append({**cached(args, setting, lambda s=setting: run_one(args, s, clip_norm), defaults),
+        rows.append({**over_seeds(results, list(seeds)),
                      "optimizer": f"{trained['optimizer']} {trained['learning-rate']:g}"})
-        console.print(f"[green]{setting}[/]: accuracy {rows[-1]['accuracy']:.4f}, epsilon "
-                      f"{rows[-1]['epsilon']}, {rows[-1]['minutes']:.1f} min")
     compare(rows)
     console.print(report.rich_table(rows, COLUMNS, title="differential privacy on AG News",
                              left=("setting", "aggregator", "device")))
@@ -272,8 +337,8 @@ def main() -> None:
         return
     png = plot(rows, timing, report.RESULTS / f"{NAME}.png")
     goal = "".join(
-        f"Goal epsilon 8 within 3 points of no DP, {row['aggregator']}: {row['vs_none']:+.1f} points "
-        f"({'met' if row['vs_none'] >= -3 else 'not met'}). "
+        f"Goal epsilon 8 within 3 points of no DP, {row['aggregator']}: {row['vs_none']:+.1f} points"
+        f"{paired_gaps(row, rows)} ({'met' if row['vs_none'] >= -3 else 'not met'}). "
         for row in rows if split_setting(row["name"])[0] == "sample-8" and row["vs_none"] is not None)
     report.publish(NAME, [{k: v for k, v in r.items() if k != "curve"} for r in rows],
             title="Differential privacy: accuracy vs epsilon, DP-SGD cost (AG News)", columns=COLUMNS,
@@ -283,7 +348,7 @@ def main() -> None:
                    f"{args.batch_size}, optimizer and learning rate per row (`none`: AdamW, every other "
                    "row as DP trains), vs_none against the better no-DP row of the aggregator, "
                    f"{args.local_epochs} local "
-                   f"epoch(s), one seed ({args.seed}), delta 1e-5. "
+                   f"epoch(s), {seed_note(rows)}, delta 1e-5. "
                    "epsilon = the final round's (sample/client-local: the largest a client reported; "
                    "client-central: the server's accountant); noise_multiplier = mean over clients "
                    "(sample-level noise is solved per client from its data size). client-level "
