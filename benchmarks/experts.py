@@ -117,9 +117,19 @@ def federation(split: Split, setup: Setup, out: Path) -> RunConfig:
                      resume=False)
 
 
-def expert_config(base: RunConfig, experts: int, start: str, choice: str, public: Path) -> RunConfig:
-    """E experts, 2 per client, top-1 routing; ``start=kmeans`` clusters the unlabelled public texts."""
-    options = f"experts={experts},client-experts=2,top-k=1,start={start},choice={choice}"
+@dataclass(frozen=True)
+class Method:
+    """Expert routing's choices that the benchmark varies (``docs/expert_routing.md``)."""
+
+    start: str
+    choice: str
+    top_k: int  # experts mixed per example, of the client's 2
+
+
+def expert_config(base: RunConfig, experts: int, method: Method, public: Path) -> RunConfig:
+    """E experts, 2 per client; ``start=kmeans`` clusters the unlabelled public texts."""
+    start = method.start
+    options = f"experts={experts},client-experts=2,top-k={method.top_k},start={start},choice={method.choice}"
     if start == "kmeans":
         options += f",kmeans-data={public}"
     return base.replace(aggregator="expert-routing", aggregator_options=options,
@@ -183,11 +193,11 @@ def _simulate(name: str, config: RunConfig) -> dict:
     return {**summary, "wall": time.perf_counter() - started}
 
 
-def run_dataset(name: str, setup: Setup, work: Path, start: str, choice: str) -> list[dict]:
+def run_dataset(name: str, setup: Setup, work: Path, method: Method) -> list[dict]:
     split = make_split(name, work / name, setup)
     base = federation(split, setup, work / name / "run")
     num_labels = DATASETS[name]["classes"]
-    experts_cfg = expert_config(base, DATASETS[name]["experts"], start, choice, work / name / "public.csv")
+    experts_cfg = expert_config(base, DATASETS[name]["experts"], method, work / name / "public.csv")
     summaries = {"expert_routing": _simulate(name, experts_cfg)}
     trained = summaries["expert_routing"]["rounds"][1:]
     per_update = sum(r["bytes_up"] for r in trained) / sum(r["clients"] for r in trained)
@@ -220,7 +230,8 @@ def run_dataset(name: str, setup: Setup, work: Path, start: str, choice: str) ->
          "bytes_up": _bytes_up(summaries["expert_routing"]),
          "jit_bytes_down": round(_mean(r.bytes_downloaded for r in held)),
          "heldout_per_client": [round(r.top1["accuracy"], 4) for r in held],
-         "heldout_experts": [list(r.experts) for r in held], "start": start, "choice": choice,
+         "heldout_experts": [list(r.experts) for r in held],
+         "start": method.start, "choice": method.choice, "top_k": method.top_k,
          "density": experts_cfg.density, "wall_seconds": round(summaries["expert_routing"]["wall"])},
         {**common, "system": "fedavg", "heldout_accuracy": _mean(held_fedavg),
          "participant_accuracy": _mean(mine_fedavg),
@@ -276,6 +287,8 @@ def main() -> None:
                         help="expert routing's symmetry breaking (kmeans: on the unlabelled public texts)")
     parser.add_argument("--choice", choices=("balanced", "gate"), default="balanced",
                         help="who trains which expert: server-balanced or each client's top experts")
+    parser.add_argument("--top-k", type=int, choices=(1, 2), default=2,
+                        help="experts mixed per example (FedJETs' mixture: 2 = both of the client's experts)")
     parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-experts")
     parser.add_argument("--no-publish", action="store_true", help="print the table, write nothing")
@@ -289,7 +302,7 @@ def main() -> None:
         setup = replace(setup, examples=args.examples)
     rows = []
     for name in args.datasets.split(","):
-        rows += run_dataset(name, setup, args.work, args.start, args.choice)
+        rows += run_dataset(name, setup, args.work, Method(args.start, args.choice, args.top_k))
     columns = ("dataset", "system", "heldout_accuracy", "heldout_mixture_accuracy", "participant_accuracy",
                "server_accuracy", "bytes_up", "jit_bytes_down", "rounds")
     console.print(rich_table(rows, columns, left=("dataset", "system"),
@@ -304,7 +317,8 @@ def main() -> None:
         f"20 label-skewed clients (partition=classes), 4 held out entirely; 16 train for {setup.rounds} "
         f"rounds, {setup.examples} examples each (2 local epochs, lr 0.01). expert_routing: "
         + ", ".join(f"{k} {v['experts']}" for k, v in DATASETS.items()) + f" rank-{setup.rank} "
-        f"experts, 2 per client (choice={args.choice}), top-1 routing, label-free start={args.start}"
+        f"experts, 2 per client (choice={args.choice}), top-{args.top_k} routing, label-free "
+        f"start={args.start}"
         f"{' (on the ' + str(PUBLIC) + ' unlabelled public texts)' if args.start == 'kmeans' else ''}; "
         f"fedavg: fedit at rank "
         f"{2 * setup.rank} with top-k density calibrated to equal uplink bytes. heldout_accuracy: "
