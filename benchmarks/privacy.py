@@ -67,6 +67,9 @@ SETTINGS = ("none", "none-as-dp", "sample-1", "sample-3", "sample-8", "client-ce
             "client-central-high", "client-local-low", "client-local-high")
 COLUMNS = ("setting", "aggregator", "optimizer", "target_epsilon", "epsilon", "noise_multiplier", "clip_norm",
            "seeds", "accuracy", "accuracy_sd", "vs_none", "local_train_seconds", "device", "minutes")
+# A lost update makes a run another experiment (run_one refuses it); on a busy 2-core machine
+# a round of 10 clients x 1000 examples can take longer than the default 600 s.
+ROUND_TIMEOUT = 3600.0
 AVERAGED = ("accuracy", "epsilon", "noise_multiplier", "local_train_seconds", "minutes")
 console = Console()
 
@@ -76,6 +79,7 @@ def base_config(args: argparse.Namespace, **options: Any) -> RunConfig:
         "train-data": str(DATA / "ag_news" / "train.csv"), "test-data": str(DATA / "ag_news" / "test.csv"),
         **report.scenario_options(args), "partition": "dirichlet", "dirichlet-alpha": 0.5,
         "resume": False, "delta": 1e-5, **codec_options(args.codec),
+        "round-timeout": ROUND_TIMEOUT,
         **options}, allow_extra=False)
 
 
