@@ -230,16 +230,24 @@ def over_seeds(results: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any
 
 
 def compare(rows: list[dict[str, Any]]) -> None:
-    """``vs_none``: accuracy difference in points against the best no-DP row of the row's aggregator."""
+    """``vs_none``: accuracy difference in points against the best no-DP row of the row's
+    aggregator, that row's accuracy taken over the same seeds (a row on seed 0 only is
+    compared with the baselines' seed-0 runs)."""
     for row in rows:
         row["aggregator"] = split_setting(row["name"])[1]
-    baselines: dict[str, float] = {}
-    for r in rows:
-        if r["setting"] == "none":
-            baselines[r["aggregator"]] = max(r["accuracy"], baselines.get(r["aggregator"], 0.0))
     for row in rows:
-        base = baselines.get(row["aggregator"])
-        row["vs_none"] = None if base is None else 100 * (row["accuracy"] - base)
+        bases = [same_seeds(r, row["seed_list"]) for r in rows
+                 if r["setting"] == "none" and r["aggregator"] == row["aggregator"]]
+        bases = [b for b in bases if b is not None]
+        row["vs_none"] = 100 * (row["accuracy"] - max(bases)) if bases else None
+
+
+def same_seeds(baseline: dict[str, Any], seeds: list[int]) -> float | None:
+    """``baseline``'s mean accuracy over ``seeds``; None when it did not run all of them."""
+    by_seed = dict(zip(baseline["seed_list"], baseline["accuracies"], strict=True))
+    if not set(seeds) <= set(by_seed):
+        return None
+    return statistics.fmean(by_seed[s] for s in seeds)
 
 
 def paired_gaps(row: dict[str, Any], rows: list[dict[str, Any]]) -> str:
