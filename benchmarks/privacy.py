@@ -279,7 +279,8 @@ def plot(rows: list[dict[str, Any]], timing: dict[str, Any], path: Path) -> Path
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [2, 1]})
     for row in rows:
         eps = row["epsilon"]
-        label = row["name"] + ("" if eps is None else f" (eps {eps:.3g})")
+        label = row["name"] + ("" if eps is None else f" (eps {eps:.3g})") + (
+            f", mean of {row['seeds']} seeds" if row["seeds"] > 1 else f", seed {row['seed_list'][0]}")
         left.plot([c[0] for c in row["curve"]], [c[1] for c in row["curve"]], "o-", ms=3, label=label)
     left.set_xlabel("round")
     left.set_ylabel("test accuracy (AG News)")
