@@ -128,9 +128,9 @@ class Method:
 
 def expert_config(base: RunConfig, experts: int, method: Method, public: Path) -> RunConfig:
     """E experts, 2 per client; ``start=kmeans`` clusters the unlabelled public texts."""
-    start = method.start
-    options = f"experts={experts},client-experts=2,top-k={method.top_k},start={start},choice={method.choice}"
-    if start == "kmeans":
+    options = (f"experts={experts},client-experts=2,top-k={method.top_k},start={method.start},"
+               f"choice={method.choice}")
+    if method.start == "kmeans":
         options += f",kmeans-data={public}"
     return base.replace(aggregator="expert-routing", aggregator_options=options,
                         out=base.out + "-experts")

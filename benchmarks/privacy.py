@@ -261,13 +261,13 @@ def paired_gaps(row: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 
 def seed_note(rows: list[dict[str, Any]]) -> str:
     """Which seeds the rows ran on, for the notes."""
-    many = [r["name"] for r in rows if r["seeds"] > 1]
+    many = [r for r in rows if r["seeds"] > 1]
     first = rows[0]["seed_list"][0]
     if not many:
         return f"one seed ({first})"
-    seeds = rows[[r["name"] for r in rows].index(many[0])]["seed_list"]
-    return (f"{', '.join(many)} on seeds {seeds[0]}-{seeds[-1]} (accuracy = mean, accuracy_sd = "
-            f"standard deviation over seeds), the other rows on seed {first}")
+    seeds = many[0]["seed_list"]
+    return (f"{', '.join(r['name'] for r in many)} on seeds {seeds[0]}-{seeds[-1]} (accuracy = mean, "
+            f"accuracy_sd = standard deviation over seeds), the other rows on seed {first}")
 
 
 def plot(rows: list[dict[str, Any]], timing: dict[str, Any], path: Path) -> Path:
