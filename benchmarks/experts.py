@@ -15,14 +15,18 @@ own data at once than the one global model. Per dataset:
   with rank 2r, i.e. the LoRA size a client trains in expert routing, and its top-k density
   scaled so that both send the same number of values per update: equal uplink bytes
   (measured, in the table);
-* held-out clients: expert routing chooses experts from the global gate on the client's
-  data (labels unused), downloads those and predicts (``top1`` and ``mixture``), FedAvg
-  predicts with the global model; accuracy on the client's own data, mean over clients;
+* held-out clients: expert routing chooses the experts that best cover the client's data
+  under the global gate (labels unused), downloads those and predicts with the run's
+  top-k routing among them, i.e. the model as the clients trained it (``heldout_accuracy``;
+  ``heldout_top1_accuracy``: each example by its highest-scoring downloaded expert alone);
+  FedAvg predicts with the global model; accuracy on the client's own data, mean over clients;
 * participants: the same, on test examples of the participant's classes (experts
-  chosen from its training data).
+  chosen from its training data);
+* ``--seeds N``: N independent repetitions (split, partitions, initialisation), each with
+  its own 4 held-out clients; a row's accuracies are means over all of them.
 
 Run: ``python benchmarks/experts.py`` (``--smoke`` for a tiny check; ``--rounds``,
-``--datasets``). Writes ``benchmarks/results/experts.json`` and ``experts.png``.
+``--datasets``, ``--seeds``). Writes ``benchmarks/results/experts.json`` and ``experts.png``.
 """
 
 from __future__ import annotations
@@ -109,8 +113,8 @@ def _cap(table: Dataset, cap: int, seed: int) -> Dataset:
     return table.shuffle(seed=seed).select(range(min(cap, len(table))))
 
 
-def federation(split: Split, setup: Setup, out: Path) -> RunConfig:
-    return RunConfig(num_clients=16, num_server_rounds=setup.rounds, train_data=str(split.train),
+def federation(split: Split, setup: Setup, out: Path, seed: int = 0) -> RunConfig:
+    return RunConfig(seed=seed, num_clients=16, num_server_rounds=setup.rounds, train_data=str(split.train),
                      test_data=str(split.test), partition="classes", classes_per_client=split.per_client,
                      max_train_examples=setup.examples, test_examples=setup.test_examples, max_length=32,
                      batch_size=16, learning_rate=1e-2, local_epochs=2, lora_rank=setup.rank, out=str(out),
@@ -193,11 +197,13 @@ def _simulate(name: str, config: RunConfig) -> dict:
     return {**summary, "wall": time.perf_counter() - started}
 
 
-def run_dataset(name: str, setup: Setup, work: Path, method: Method) -> list[dict]:
-    split = make_split(name, work / name, setup)
-    base = federation(split, setup, work / name / "run")
+def run_dataset(name: str, setup: Setup, work: Path, method: Method, seed: int) -> list[dict]:
+    """Both systems' rows for one repetition of ``name`` (its split, partitions and seeds)."""
+    work = work / name / f"seed-{seed}"
+    split = make_split(name, work, setup, seed)
+    base = federation(split, setup, work / "run", seed)
     num_labels = DATASETS[name]["classes"]
-    experts_cfg = expert_config(base, DATASETS[name]["experts"], method, work / name / "public.csv")
+    experts_cfg = expert_config(base, DATASETS[name]["experts"], method, work / "public.csv")
     summaries = {"expert_routing": _simulate(name, experts_cfg)}
     trained = summaries["expert_routing"]["rounds"][1:]
     per_update = sum(r["bytes_up"] for r in trained) / sum(r["clients"] for r in trained)
@@ -219,17 +225,17 @@ def run_dataset(name: str, setup: Setup, work: Path, method: Method) -> list[dic
     mine_fedavg = [evaluate(plain, encoded(t, plain, base))["accuracy"]
                    for _, t in track(clients, description=f"{name}: participants (fedavg)")]
     common = {"dataset": name, "rounds": setup.rounds, "examples_per_client": setup.examples,
-              "held_out_clients": len(split.held_out), "participants": len(clients)}
+              "held_out_clients": len(split.held_out), "participants": len(clients), "seed": seed}
     return [
         {**common, "system": "expert_routing",
-         "heldout_accuracy": _mean(r.top1["accuracy"] for r in held),
-         "heldout_mixture_accuracy": _mean(r.mixture["accuracy"] for r in held),
+         "heldout_accuracy": _mean(r.mixture["accuracy"] for r in held),
+         "heldout_top1_accuracy": _mean(r.top1["accuracy"] for r in held),
          "heldout_all_experts_accuracy": _mean(r.full["accuracy"] for r in held),
-         "participant_accuracy": _mean(r.top1["accuracy"] for r in mine),
+         "participant_accuracy": _mean(r.mixture["accuracy"] for r in mine),
          "server_accuracy": summaries["expert_routing"]["final"]["accuracy"],
          "bytes_up": _bytes_up(summaries["expert_routing"]),
          "jit_bytes_down": round(_mean(r.bytes_downloaded for r in held)),
-         "heldout_per_client": [round(r.top1["accuracy"], 4) for r in held],
+         "heldout_per_client": [round(r.mixture["accuracy"], 4) for r in held],
          "heldout_experts": [list(r.experts) for r in held],
          "start": method.start, "choice": method.choice, "top_k": method.top_k,
          "density": experts_cfg.density, "wall_seconds": round(summaries["expert_routing"]["wall"])},
@@ -241,6 +247,34 @@ def run_dataset(name: str, setup: Setup, work: Path, method: Method) -> list[dic
          "heldout_per_client": [round(a, 4) for a in held_fedavg],
          "density": fedavg_cfg.density, "wall_seconds": round(summaries["fedavg"]["wall"])},
     ]
+
+
+SUMMED = ("held_out_clients", "participants")
+
+
+def over_seeds(runs: list[list[dict]]) -> list[dict]:
+    """One row per dataset x system from its rows on every seed (``runs``: per seed, the
+    rows in the same order). Every seed has as many held-out clients and participants, so
+    the mean of the seeds' accuracies is the mean over all clients; bytes and times are
+    means per run, per-client lists are joined, client counts summed."""
+    rows = []
+    for same in zip(*runs, strict=True):
+        row: dict = {"seeds": [r["seed"] for r in same]}
+        for key, value in same[0].items():
+            values = [r[key] for r in same]
+            if key == "seed":
+                continue
+            if isinstance(value, list):
+                row[key] = [item for v in values for item in v]
+            elif key in SUMMED:
+                row[key] = sum(values)
+            elif isinstance(value, bool | str):
+                row[key] = value
+            else:
+                row[key] = _mean(values) if isinstance(value, float) else round(_mean(values))
+        row["heldout_accuracy_per_seed"] = [round(r["heldout_accuracy"], 4) for r in same]
+        rows.append(row)
+    return rows
 
 
 def _mean(values) -> float:
@@ -290,6 +324,7 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, choices=(1, 2), default=2,
                         help="experts mixed per example (FedJETs' mixture: 2 = both of the client's experts)")
     parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated")
+    parser.add_argument("--seeds", type=int, default=2, help="independent repetitions per dataset (>= 1)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-experts")
     parser.add_argument("--no-publish", action="store_true", help="print the table, write nothing")
     args = parser.parse_args()
@@ -300,10 +335,13 @@ def main() -> None:
         setup = replace(setup, rounds=args.rounds)
     if args.examples:
         setup = replace(setup, examples=args.examples)
+    if args.seeds < 1:
+        raise SystemExit(f"--seeds must be >= 1, got {args.seeds}")
+    method = Method(args.start, args.choice, args.top_k)
     rows = []
     for name in args.datasets.split(","):
-        rows += run_dataset(name, setup, args.work, Method(args.start, args.choice, args.top_k))
-    columns = ("dataset", "system", "heldout_accuracy", "heldout_mixture_accuracy", "participant_accuracy",
+        rows += over_seeds([run_dataset(name, setup, args.work, method, seed) for seed in range(args.seeds)])
+    columns = ("dataset", "system", "heldout_accuracy", "heldout_top1_accuracy", "participant_accuracy",
                "server_accuracy", "bytes_up", "jit_bytes_down", "rounds")
     console.print(rich_table(rows, columns, left=("dataset", "system"),
                              title="Zero-shot accuracy of held-out clients: expert routing vs FedAvg-LoRA"))
@@ -315,25 +353,35 @@ def main() -> None:
     plot(rows, png)
     notes = (
         f"20 label-skewed clients (partition=classes), 4 held out entirely; 16 train for {setup.rounds} "
-        f"rounds, {setup.examples} examples each (2 local epochs, lr 0.01). expert_routing: "
+        f"rounds, {setup.examples} examples each (2 local epochs, lr 0.01); {args.seeds} independent "
+        f"repetition(s) (split, partitions, initialisation: seeds 0-{args.seeds - 1}), accuracies are means "
+        f"over all their held-out clients / participants. expert_routing: "
         + ", ".join(f"{k} {v['experts']}" for k, v in DATASETS.items()) + f" rank-{setup.rank} "
         f"experts, 2 per client (choice={args.choice}), top-{args.top_k} routing, label-free "
         f"start={args.start}"
         f"{' (on the ' + str(PUBLIC) + ' unlabelled public texts)' if args.start == 'kmeans' else ''}; "
         f"fedavg: fedit at rank "
         f"{2 * setup.rank} with top-k density calibrated to equal uplink bytes. heldout_accuracy: "
-        f"zero-shot on the held-out client's own data (expert routing: its highest-scoring downloaded "
-        f"expert per example; "
-        f"heldout_mixture_accuracy: gate mixture of its downloaded experts); participant_accuracy: on test "
+        f"zero-shot on the held-out client's own data (expert routing: it downloads the "
+        "2 experts that best cover its data under the global gate and predicts with the run's "
+        f"top-{args.top_k} routing among them, as it was trained; heldout_top1_accuracy: each example by "
+        f"its highest-scoring downloaded expert alone); participant_accuracy: the same on test "
         f"examples of each participant's classes. Held-out gain of expert routing over fedavg (points): "
-        + ", ".join(f"{k} {v:+.1f}" for k, v in gaps.items()) + f". Plot: `{png.relative_to(ROOT)}`.")
+        + ", ".join(f"{k} {v}" for k, v in gaps.items()) + f". Plot: `{png.relative_to(ROOT)}`.")
     publish("experts", rows, title="Expert routing: zero-shot accuracy of held-out clients", columns=columns,
             notes=notes)
 
 
-def _gap(rows: list[dict], name: str) -> float:
-    acc = {r["system"]: r["heldout_accuracy"] for r in rows if r["dataset"] == name}
-    return 100 * (acc["expert_routing"] - acc["fedavg"])
+def _gap(rows: list[dict], name: str) -> str:
+    """``+4.1`` or, over several seeds, ``+4.1 (per seed +5.3, +2.9)``."""
+    mine = {r["system"]: r for r in rows if r["dataset"] == name}
+    ours, theirs = mine["expert_routing"], mine["fedavg"]
+    gap = f"{100 * (ours['heldout_accuracy'] - theirs['heldout_accuracy']):+.1f}"
+    if len(ours["seeds"]) == 1:
+        return gap
+    per_seed = (f"{100 * (a - b):+.1f}" for a, b in zip(ours["heldout_accuracy_per_seed"],
+                                                       theirs["heldout_accuracy_per_seed"], strict=True))
+    return f"{gap} (per seed {', '.join(per_seed)})"
 
 
 if __name__ == "__main__":

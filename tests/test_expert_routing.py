@@ -23,7 +23,7 @@ from pollinate.client.trainer import train
 from pollinate.codec import Delta, DeltaHeader, decode, encode
 from pollinate.config import ConfigError, RunConfig
 from pollinate.deltas import add
-from pollinate.experts import RoutingPolicy, expert_of, single_expert_state
+from pollinate.experts import RoutingPolicy, client_choice, expert_of, single_expert_state
 from pollinate.modeling import ModelSpec, build_model
 from pollinate.personalize import personalize
 from pollinate.protocol import downlink_codec, uplink_codec
@@ -157,6 +157,27 @@ def test_routing_is_deterministic_and_a_client_sends_only_the_experts_it_trained
     assert not set(untouched) & set(result.delta)
     assert all(torch.equal(result.state[n], state[n]) for n in untouched)
     assert any(not torch.equal(result.state[n], state[n]) for n in model.expert_names(chosen))
+
+
+def test_a_client_chooses_the_experts_that_cover_its_examples_not_the_top_means():
+    # half the examples like expert 0 a lot, the other half expert 2 a bit more than expert 1;
+    # expert 1 has the second highest mean, but {0, 2} gives every example its favourite
+    probs = torch.tensor([[0.7, 0.3, 0.0, 0.0]] * 5 + [[0.0, 0.45, 0.55, 0.0]] * 5)
+    assert probs.mean(0).topk(2).indices.sort().values.tolist() == [0, 1]
+    assert client_choice(probs, 2) == (0, 2)
+    assert client_choice(probs, 1) == (1,)  # one expert: the best mean is the best cover
+    with pytest.raises(ValueError, match="experts to choose must be in 1..4"):
+        client_choice(probs, 5)
+
+
+def test_many_experts_are_chosen_by_coverage_greedily_then_by_swaps():
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.rand(200, 40, generator=generator) * 0.01  # C(40, 4) subsets: too many to try
+    favourites = (3, 10, 17, 24)
+    for group, expert in enumerate(favourites):
+        probs[group * 50:(group + 1) * 50, expert] += 1.0
+    probs[:, 39] += 0.3  # liked a little by everyone: the best mean after the favourites' 0.25
+    assert client_choice(probs / probs.sum(1, keepdim=True), 4) == favourites
 
 
 def test_updates_that_break_the_expert_contract_are_rejected():
