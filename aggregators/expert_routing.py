@@ -4,8 +4,8 @@ Model: :mod:`pollinate.experts` (experts ``experts.{e}.*``, gate ``gate.*``, sha
 
 Client (:class:`ExpertClient`): embeds its local data once with the common expert (the
 frozen base model; memoised per example) and scores every expert with the current
-global gate: its mean gate probability over all local examples. It trains the experts
-the round's instructions name, or else its top ``client-experts`` experts by score, plus
+global gate, per example. It trains the experts the round's instructions name, or else
+the ``client-experts`` experts that best cover its examples (``client_choice``), plus
 the gate and the head, routing every example among those experts (top-``top-k``). An
 *anchor* client is pinned to one expert instead (node config ``anchor-expert`` in a
 deployment; option ``anchors=p0:p1:...`` in a simulation: partition ``p_i`` is pinned to
