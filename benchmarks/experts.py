@@ -324,7 +324,7 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, choices=(1, 2), default=2,
                         help="experts mixed per example (FedJETs' mixture: 2 = both of the client's experts)")
     parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated")
-    parser.add_argument("--seeds", type=int, default=2, help="independent repetitions per dataset (>= 1)")
+    parser.add_argument("--seeds", type=int, default=3, help="independent repetitions per dataset (>= 1)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-experts")
     parser.add_argument("--no-publish", action="store_true", help="print the table, write nothing")
     args = parser.parse_args()
