@@ -299,14 +299,15 @@ def plot(rows: list[dict], path: Path) -> None:
                                                ("participant_accuracy", "participants"))):
             xs = [i + (offset - 0.5) * 0.38 for i in range(len(mine))]
             bars = ax.bar(xs, [r[key] for r in mine], 0.36, label=label)
-            ax.bar_label(bars, fmt="%.3f", fontsize=8)
+            ax.bar_label(bars, fmt="%.3f", fontsize=8, label_type="center", color="white")
         for i, r in enumerate(mine):
             ax.scatter([i - 0.19] * len(r["heldout_per_client"]), r["heldout_per_client"], color="k", s=10,
                        zorder=3)
         ax.set_xticks(range(len(mine)), [r["system"] for r in mine])
-        ax.set_ylim(0, 1.05)
-        ax.set_title(f"{name}: accuracy on each client's own data")
-        ax.legend(loc="lower right", fontsize="small")
+        ax.set_ylim(0, 1.18)
+        ax.set_title(f"{name}: accuracy on each client's own data\n(dots: single held-out clients)",
+                     fontsize=10)
+        ax.legend(loc="upper center", ncol=2, fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
