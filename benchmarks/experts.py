@@ -113,7 +113,7 @@ def _cap(table: Dataset, cap: int, seed: int) -> Dataset:
     return table.shuffle(seed=seed).select(range(min(cap, len(table))))
 
 
-def federation(split: Split, setup: Setup, out: Path, seed: int = 0) -> RunConfig:
+def federation(split: Split, setup: Setup, out: Path, seed: int) -> RunConfig:
     return RunConfig(seed=seed, num_clients=16, num_server_rounds=setup.rounds, train_data=str(split.train),
                      test_data=str(split.test), partition="classes", classes_per_client=split.per_client,
                      max_train_examples=setup.examples, test_examples=setup.test_examples, max_length=32,
@@ -261,9 +261,9 @@ def over_seeds(runs: list[list[dict]]) -> list[dict]:
     for same in zip(*runs, strict=True):
         row: dict = {"seeds": [r["seed"] for r in same]}
         for key, value in same[0].items():
-            values = [r[key] for r in same]
             if key == "seed":
                 continue
+            values = [r[key] for r in same]
             if isinstance(value, list):
                 row[key] = [item for v in values for item in v]
             elif key in SUMMED:

@@ -270,23 +270,35 @@ def client_choice(probs: torch.Tensor, count: int) -> tuple[int, ...]:
     probs = probs.double()  # sums that do not depend on the order of the subsets tried
     if math.comb(experts, count) <= EXACT_CHOICES:
         subsets = torch.combinations(torch.arange(experts), count)
-        cover = probs[:, subsets].amax(-1).sum(0)  # [N, subsets, count] -> [subsets]
-        return tuple(subsets[int(cover.argmax())].tolist())
-    chosen: list[int] = []
+        return tuple(subsets[int(_coverage(probs, subsets).argmax())].tolist())
+    chosen = torch.empty(0, dtype=torch.long)
     for _ in range(count):
-        chosen.append(max((e for e in range(experts) if e not in chosen),
-                          key=lambda e: _coverage(probs, [*chosen, e])))
+        others = _others(chosen, experts)
+        candidates = torch.cat([chosen.expand(len(others), -1), others[:, None]], 1)
+        chosen = candidates[int(_coverage(probs, candidates).argmax())]
+    cover = _coverage(probs, chosen[None])[0]
     while True:
-        others = [e for e in range(experts) if e not in chosen]
-        trials = [sorted({*chosen} - {out} | {e}) for out in chosen for e in others]
-        best = max(trials, key=lambda trial: _coverage(probs, trial))
-        if _coverage(probs, best) <= _coverage(probs, chosen):
-            return tuple(sorted(chosen))
-        chosen = best
+        others = _others(chosen, experts)
+        trials = chosen.repeat(count * len(others), 1)  # swap slot i for each other expert in turn
+        trials[torch.arange(len(trials)), torch.arange(count).repeat_interleave(len(others))] = \
+            others.repeat(count)
+        covers = _coverage(probs, trials)
+        best = int(covers.argmax())
+        if covers[best] <= cover:
+            return tuple(sorted(chosen.tolist()))
+        chosen, cover = trials[best], covers[best]
 
 
-def _coverage(probs: torch.Tensor, experts: Sequence[int]) -> float:
-    return float(probs[:, list(experts)].amax(1).sum())
+def _others(chosen: torch.Tensor, experts: int) -> torch.Tensor:
+    keep = torch.ones(experts, dtype=torch.bool)
+    keep[chosen] = False
+    return keep.nonzero().squeeze(1)
+
+
+def _coverage(probs: torch.Tensor, subsets: torch.Tensor) -> torch.Tensor:
+    """Coverage of each row of ``subsets`` (``[S, k]``), 256 subsets at a time so that the
+    ``[N, S, k]`` gather stays small for a client with many examples."""
+    return torch.cat([probs[:, chunk].amax(-1).sum(0) for chunk in subsets.split(256)])
 
 
 def routed_counts(probs: torch.Tensor, allowed: Sequence[int], k: int) -> dict[int, int]:
