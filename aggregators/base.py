@@ -16,18 +16,20 @@ or the client: aggregators are tensor math over named tensors.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
+from pollinate.config import ConfigError, RunConfig
 from pollinate.data import Encoded
 from pollinate.modeling import AdapterModel, ModelSpec, build_model
 from pollinate.spec import AdapterSpec, Tensors
 
 Instructions = dict[str, bool | int | float | str]
+DENSE_FALLBACK = "int8-row"  # what a method that needs whole factors gets instead of top-k
 
 
 class AggregationError(ValueError):
@@ -102,12 +104,44 @@ class Aggregator:
 
     name: ClassVar[str] = ""
     client_part: ClassVar[type[ClientPart]] = ClientPart
+    sparse_wire: ClassVar[bool] = True
+    """Whether the method learns through top-k codecs: true for methods that send changes
+    (error feedback re-sends what top-k drops); false for methods that send whole fresh
+    factors each round, which keeping 10% of the entries destroys (docs/aggregators.md)."""
 
     def __init__(self, **options: Any):
         self.options = options
         self._sums: Tensors = {}
         self._weights: dict[str, float] = {}
         self.round = 0
+
+    @classmethod
+    def settle_config(cls, config: RunConfig, note: Callable[[str], Any]) -> RunConfig:
+        """``config`` made workable for this method before round 1, or a :class:`ConfigError`.
+
+        A method that cannot learn through sparse codecs gets ``int8-row`` in place of a
+        default top-k codec (and ``note`` says so); a top-k codec the user chose is refused
+        with the option to change.
+        """
+        if cls.sparse_wire:
+            return config
+        changes = {}
+        defaults = RunConfig()
+        for option, fallback in (("codec", DENSE_FALLBACK), ("downlink_codec", DENSE_FALLBACK)):
+            chosen = getattr(config, option)
+            if not chosen.startswith("topk"):
+                continue
+            key = option.replace("_", "-")
+            if chosen != getattr(defaults, option):
+                raise ConfigError(f"aggregator={config.aggregator} learns nothing through the sparse "
+                                  f"{key}={chosen} (it sends whole factors); set {key} to {fallback}, "
+                                  "fp16 or fp32")
+            changes[option] = fallback
+        if changes:
+            note(f"aggregator={config.aggregator} learns nothing through top-k codecs: using "
+                 + ", ".join(f"{k.replace('_', '-')}={v}" for k, v in changes.items())
+                 + " (set codec / downlink-codec to choose)")
+        return config.replace(**changes)
 
     # -- what the model and the global state are -------------------------------------
 

@@ -91,6 +91,7 @@ class FlexLoRA(Aggregator):
     """Example-weighted mean of full-size LoRA products; clients truncate it to their rank."""
 
     name = "flexlora"
+    sparse_wire = False
     client_part = FlexLoRAClient
 
     def initial_state(self, model: AdapterModel) -> Tensors:

@@ -107,6 +107,7 @@ class FLoRA(Aggregator):
     """Stacking aggregation: exact sum of the clients' scaled, example-weighted LoRA products."""
 
     name = "flora"
+    sparse_wire = False
     client_part = FLoRAClient
 
     def __init__(self, **options):

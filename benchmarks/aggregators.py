@@ -62,7 +62,7 @@ def base_config(args: argparse.Namespace, dataset: str, system: str) -> RunConfi
         "train-data": str(DATA / dataset / "train.csv"), "test-data": str(DATA / dataset / "test.csv"),
         **report.scenario_options(args), "partition": "dirichlet", "dirichlet-alpha": 0.5,
         "codec": args.codec, "downlink-codec": args.codec,
-        "out": str(Path(args.runs) / f"{dataset}-{system}"), "resume": False,
+        "out": str(Path(args.runs) / f"{dataset}-{system}"), "overwrite": True,
         **({} if system == "centralised" else system_options(system, args))}, allow_extra=False)
 
 

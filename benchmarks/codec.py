@@ -103,7 +103,7 @@ def run_config(args: argparse.Namespace, uplink: Setting, downlink: Setting) -> 
         "lora-rank": 8, "aggregator": "fedit",
         "codec": uplink.encoding, "density": uplink.density,
         "downlink-codec": downlink.encoding, "downlink-density": downlink.density,
-        "out": str(Path(args.runs) / run_label(uplink, downlink)), "resume": False,
+        "out": str(Path(args.runs) / run_label(uplink, downlink)), "overwrite": True,
     }, allow_extra=False)
 
 

@@ -118,7 +118,7 @@ def federation(split: Split, setup: Setup, out: Path, seed: int) -> RunConfig:
                      test_data=str(split.test), partition="classes", classes_per_client=split.per_client,
                      max_train_examples=setup.examples, test_examples=setup.test_examples, max_length=32,
                      batch_size=16, learning_rate=1e-2, local_epochs=2, lora_rank=setup.rank, out=str(out),
-                     resume=False)
+                     overwrite=True)
 
 
 @dataclass(frozen=True)

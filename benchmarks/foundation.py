@@ -80,7 +80,7 @@ def scenario(quick: bool, out: Path) -> RunConfig:
     return RunConfig(train_data=str(ag_news / "train.csv"), test_data=str(ag_news / "test.csv"),
                      partition="dirichlet", dirichlet_alpha=0.5, lora_rank=8, target_modules="query,value",
                      local_epochs=1, learning_rate=5e-3, aggregator="fedit",
-                     min_train_nodes=size["num_clients"], round_timeout=3600.0, out=str(out), resume=False,
+                     min_train_nodes=size["num_clients"], round_timeout=3600.0, out=str(out), overwrite=True,
                      **size)
 
 

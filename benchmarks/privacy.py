@@ -78,7 +78,7 @@ def base_config(args: argparse.Namespace, **options: Any) -> RunConfig:
     return RunConfig.from_mapping({
         "train-data": str(DATA / "ag_news" / "train.csv"), "test-data": str(DATA / "ag_news" / "test.csv"),
         **report.scenario_options(args), "partition": "dirichlet", "dirichlet-alpha": 0.5,
-        "resume": False, "delta": 1e-5, **codec_options(args.codec),
+        "overwrite": True, "delta": 1e-5, **codec_options(args.codec),
         "round-timeout": ROUND_TIMEOUT,
         **options}, allow_extra=False)
 

@@ -75,7 +75,7 @@ def run_config(args: argparse.Namespace, dataset: str, policy: str, rank: int) -
         "train-data": str(DATA / dataset / "train.csv"), "test-data": str(DATA / dataset / "test.csv"),
         **report.scenario_options(args), "partition": "dirichlet", "dirichlet-alpha": 0.3, "lora-rank": rank,
         "lora-alpha": 2.0 * rank, "aggregator": "selective-layer", "aggregator-options": options,
-        "out": str(Path(args.runs) / f"{dataset}-{policy}"), "resume": False}, allow_extra=False)
+        "out": str(Path(args.runs) / f"{dataset}-{policy}"), "overwrite": True}, allow_extra=False)
 
 
 def complete(summary: dict[str, Any] | None, config: RunConfig) -> bool:

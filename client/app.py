@@ -13,7 +13,7 @@ import logging
 from typing import Any
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
 from pollinate.aggregators import Aggregator, ClientPart, resolve
@@ -48,10 +48,21 @@ def rebuild_anchor(aggregator_cls: type[Aggregator], options: dict[str, Any], or
     return None
 
 
+CLIENT_FAILURE = 1  # Error.code of a round this node could not complete (the reason says why)
+
+
 @app.train()
 def handle_train(msg: Message, context: Context) -> Message:
-    order = TrainInstruction.from_message(msg)
-    reply = run_round(order, context)
+    """One round; a failure is an error reply with a one-line reason (the traceback stays in this
+    node's log at DEBUG level), so the server logs why and the node's console stays readable."""
+    try:
+        order = TrainInstruction.from_message(msg)
+        reply = run_round(order, context)
+    except Exception as err:  # noqa: BLE001 - any failure costs this node's update only
+        reason = f"{type(err).__name__}: {' '.join(str(err).split())}"
+        log.warning("round failed on this node: %s", reason)
+        log.debug("traceback", exc_info=True)
+        return Message(error=Error(code=CLIENT_FAILURE, reason=reason), reply_to=msg)
     return Message(reply.to_record(), reply_to=msg)
 
 
@@ -82,7 +93,8 @@ def run_round(order: TrainInstruction, context: Context) -> TrainReply:
     memory.held_state = add(held, part.unpack_downlink(down.tensors))
     memory.held_version = down.header.target_version
 
-    data = local_data(data_key(config), node.data_path, node.partition_id, node.num_partitions)
+    data = local_data(data_key(config), node.data_path, node.partition_id, node.num_partitions,
+                      order.labels)
     privacy = ClientPrivacy(config, memory, len(data))
     if privacy.exhausted:
         return _refuse("exhausted", privacy.exhausted, memory, config)

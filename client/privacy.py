@@ -98,10 +98,12 @@ class ClientPrivacy:
         return noisy
 
     def metrics(self) -> dict[str, float]:
+        """Epsilon spent so far (left out when infinite: no noise; replies carry finite numbers only)."""
         if self.plan is None:
             return {}
-        return {"epsilon": self.budget.spent(), "noise-multiplier": self.plan.noise,
-                "dp-steps": self.budget.steps}
+        epsilon = self.budget.spent()
+        return {**({"epsilon": epsilon} if math.isfinite(epsilon) else {}),
+                "noise-multiplier": self.plan.noise, "dp-steps": self.budget.steps}
 
 
 def train_private(model: AdapterModel, data: Encoded, config: RunConfig, plan: Plan,

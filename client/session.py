@@ -50,7 +50,8 @@ class NodeSettings:
 def model_spec(config: RunConfig, num_labels: int, rank: int) -> ModelSpec:
     return ModelSpec(name=config.model, task=config.task, num_labels=num_labels, rank=rank,
                      alpha=config.lora_alpha, dropout=config.lora_dropout,
-                     target_modules=tuple(config.target_module_list), seed=config.seed)
+                     target_modules=tuple(config.target_module_list), seed=config.seed,
+                     base_dtype=config.base_dtype, quantization=config.quantization)
 
 
 @lru_cache(maxsize=8)
@@ -61,12 +62,16 @@ def model_for(aggregator_cls: type[Aggregator], spec: ModelSpec, device: str) ->
 
 @lru_cache(maxsize=64)
 def local_data(config_json: str, data_path: str, partition_id: int | None,
-               num_partitions: int | None) -> datalib.Encoded:
-    """This node's tokenized training data: its own file, or its simulated partition."""
+               num_partitions: int | None, labels: tuple[str, ...] = ()) -> datalib.Encoded:
+    """This node's tokenized training data: its own file, or its simulated partition.
+
+    ``labels`` is the run's label map (names in id order) that the server sent: a node's
+    own file is read through it, so every node and the server agree on what id 3 means.
+    """
     config = RunConfig.from_json(config_json)
     tokenizer = tokenizer_for(config.model)
     if data_path:
-        table = datalib.load_table(data_path, config)
+        table = datalib.cap_examples(datalib.load_table(data_path, config, labels or None), config)
     else:
         if partition_id is None or num_partitions is None:
             raise ConfigError("simulated client without partition-id/num-partitions")
@@ -86,8 +91,9 @@ tokenizer_for = lru_cache(maxsize=4)(load_tokenizer)
 
 def data_key(config: RunConfig) -> str:
     """The config fields that determine local data (so unrelated changes reuse the cache)."""
-    keep = ("task", "model", "train-data", "text-column", "label-column", "prompt-column",
-            "response-column", "partition", "dirichlet-alpha", "classes-per-client",
+    keep = ("task", "model", "train-data", "test-data", "test-fraction",
+            "text-column", "label-column", "prompt-column",
+            "response-column", "data-format", "partition", "dirichlet-alpha", "classes-per-client",
             "max-train-examples", "max-length", "seed", "num-clients")
     full = config.to_mapping()
     return RunConfig.from_mapping({k: full[k] for k in keep}).to_json()

@@ -5,6 +5,8 @@ The one module allowed to import from every part of the package.
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import NoReturn
 
@@ -15,14 +17,17 @@ from rich.table import Table
 from pollinate import deploy
 from pollinate.config import ConfigError, RunConfig, parse_assignment
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Pollinate: federated fine-tuning of adapters on Flower.")
 console = Console()
+DEBUG = {"on": bool(os.environ.get("POLLINATE_DEBUG"))}
 
 
 @app.callback()
-def _root() -> None:
+def _root(debug: bool = typer.Option(False, "--debug",
+                                    help="show full tracebacks and Flower's logs")) -> None:
     """Pollinate: federated fine-tuning of adapters on Flower."""
+    DEBUG["on"] = DEBUG["on"] or debug
 
 
 @app.command()
@@ -33,57 +38,93 @@ def simulate(
     aggregator: str = typer.Option("fedit", help="aggregator name or module:Class path"),
     model: str = typer.Option("", help="model path or name; empty = bundled all-MiniLM-L6-v2"),
     train_data: str = typer.Option("", help="CSV/JSONL/saved dataset; empty = generated task"),
-    test_data: str = typer.Option("", help="held-out split for server-side evaluation"),
+    test_data: str = typer.Option("", help="held-out split the server scores; empty = test-fraction "
+                                           "of --train-data"),
     seed: int = typer.Option(0, help="seed for data, partitions, model init and sampling"),
-    out: Path = typer.Option(Path("runs/latest"), help="run directory"),
+    out: Path = typer.Option(None, help="run directory (default: a new runs/<date>-<time>)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its checkpoint"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace the run in --out"),
     cpus: int = typer.Option(0, help="CPU cores for the simulation engine (0 = all)"),
-    option: list[str] = typer.Option([], "--set", help="any run-config option, key=value"),
+    option: list[str] = typer.Option([], "--set", help="any run-config option, key=value "
+                                                       "(`pollinate options` lists them)"),
 ) -> None:
     """Run a simulated federation on this machine and write its run directory."""
+    from pollinate.server.rundir import fresh_path
     from pollinate.simulations.launch import simulate as run
 
     values: dict[str, object] = {
         "num-clients": clients, "num-server-rounds": rounds, "partition": partition,
         "aggregator": aggregator, "model": model, "train-data": train_data,
-        "test-data": test_data, "seed": seed, "out": str(out), "resume": False,
+        "test-data": test_data, "seed": seed, "out": str(out or fresh_path()), "resume": resume,
+        "overwrite": overwrite,
     }
     try:
         for item in option:
             values.update(parse_assignment(item, "--set"))
-        config = RunConfig.from_mapping(values, allow_extra=False)
-        _preflight(config)
+        config = _preflight(RunConfig.from_mapping(values, allow_extra=False))
     except ConfigError as err:
-        console.print(f"[red]error:[/] {err}")
-        raise typer.Exit(2) from err
-    summary = run(config, num_cpus=cpus or None)
-    _print_summary(summary, out)
+        _fail(err)
+    summary = run(config, num_cpus=cpus or None, verbose=DEBUG["on"])
+    _print_summary(summary, Path(config.out))
 
 
-def _preflight(config: RunConfig) -> None:
-    """Fail before starting any process: aggregator name, data files and columns, sizes."""
+def _preflight(config: RunConfig, *, local_data: bool = True) -> RunConfig:
+    """Every check that can fail before a process starts; returns the config the run will use.
+
+    Aggregator name and options, codecs the method can learn with, the run directory and
+    (``local_data``: the data lives on this machine) data files, labels and sizes.
+    """
     from pollinate import data as datalib
     from pollinate.aggregators import UnknownAggregator, resolve
+    from pollinate.server.rundir import RunDirectory, check_reuse
 
     try:
-        resolve(config.aggregator)
+        method = resolve(config.aggregator)
+        method(**config.aggregator_option_map)
     except UnknownAggregator as err:
         raise ConfigError(str(err)) from err
-    table = datalib.train_table(config)
-    datalib.test_table(config)
-    if config.num_clients > len(table):
-        raise ConfigError(f"more clients ({config.num_clients}) than training examples ({len(table)})")
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"aggregator-options for {config.aggregator}: {err}") from err
+    config = method.settle_config(config, lambda text: console.print(f"[yellow]note:[/] {text}"))
+    if local_data:
+        table = datalib.train_table(config)
+        datalib.test_table(config, datalib.label_names(table) or None)
+        if config.num_clients > len(table):
+            raise ConfigError(f"more clients ({config.num_clients}) than training examples ({len(table)})")
+    if config.out and local_data:
+        check_reuse(config.out, resume=config.resume, overwrite=config.overwrite)
+        RunDirectory(config.out)  # a directory that cannot be written fails here, not in round 1
+    return config
+
+
+@app.command("options")
+def options_command() -> None:
+    """List every run-config option (`--set key=value`, `[tool.flwr.app.config]`) with its default."""
+    from pollinate.config import option_help
+
+    table = Table(title="Run-config options")
+    for column in ("option", "type", "default", "what it does"):
+        table.add_column(column, overflow="fold")
+    for row in option_help():
+        table.add_row(*row)
+    console.print(table)
 
 
 def _print_summary(summary: dict, out: Path) -> None:
+    private = any("epsilon" in r for r in summary["rounds"])
     table = Table(title=f"Pollinate run - {out}")
-    for column in ("round", "accuracy", "loss", "bytes up", "bytes down"):
+    for column in ("round", "accuracy", "loss", "bytes up", "bytes down", "clients") + (
+            ("epsilon",) if private else ()):
         table.add_column(column, justify="right")
     for r in summary["rounds"]:
         quality = f"{r['accuracy']:.3f}" if "accuracy" in r else "-"
-        table.add_row(str(r["round"]), quality, f"{r['loss']:.4f}", f"{r['bytes_up']:,}",
-                      f"{r['bytes_down']:,}")
+        loss = f"{r['loss']:.4f}" if "loss" in r else "-"
+        epsilon = (f"{r['epsilon']:.2f}" if "epsilon" in r else "-",) if private else ()
+        table.add_row(str(r["round"]), quality, loss, f"{r['bytes_up']:,}", f"{r['bytes_down']:,}",
+                      str(r.get("clients", "-")), *epsilon)
     console.print(table)
-    console.print(f"adapter: {out / 'adapter'}   plots: {', '.join(summary.get('plots', []))}")
+    console.print(f"adapter: {out / 'adapter'}   plots: {', '.join(summary.get('plots', []))}   "
+                  f"log: {out / 'server.log'}", highlight=False, soft_wrap=True)
 
 
 # -- deploy: Flower's deployment engine (docs/deployment.md) ---------------------------
@@ -206,7 +247,13 @@ def deploy_run(
     try:
         for item in option:
             values.update(parse_assignment(item, "--set"))
-        RunConfig.from_mapping(values, allow_extra=False)
+        defaults = deploy.app_config(app_dir)
+        config = _preflight(RunConfig.from_mapping({**defaults, **values}, allow_extra=False),
+                            local_data=False)
+        unscored = not (config.train_data or config.test_data or config.num_labels)
+        if unscored and config.task == "classification":
+            raise ConfigError("a deployed server needs test-data (to score the model) or num-labels "
+                              "(the label count of the nodes' data); set one with --set")
         cmd = deploy.run_command(app_dir, connection, values, stream=stream)
     except (ConfigError, deploy.DeployError) as err:
         _fail(err)
@@ -231,7 +278,8 @@ def _launch(cmd: list[str], dry_run: bool, replace: bool = False) -> None:
 
 
 def _fail(err: Exception) -> NoReturn:
-    console.print(f"[red]error:[/] {err}")
+    """One line naming what to fix; exit status 2 (a usage or configuration error)."""
+    console.print(f"[red]error:[/] {err}", highlight=False)
     raise typer.Exit(2) from err
 
 
@@ -240,6 +288,8 @@ def personalize_command(
     run: Path = typer.Option(..., help="run directory of an expert-routing run"),
     data: Path = typer.Option(..., help="a new client's local data (CSV/JSONL with text and label)"),
     experts: int = typer.Option(0, help="experts to download (0 = the run's client-experts)"),
+    save: Path = typer.Option(None, help="write the personalised model here (gate, head and the chosen "
+                                         "experts, each a peft adapter)"),
 ) -> None:
     """Zero-shot model for a client that never trained: its experts, chosen by the global gate."""
     import json
@@ -257,15 +307,19 @@ def personalize_command(
         if ckpt is None:
             raise ConfigError(f"{run} holds no finished round of a run (summary.json, checkpoint/)")
         config = RunConfig.from_mapping(ckpt.config)
-        spec = model_spec(config, json.loads((run / "summary.json").read_text())["num_labels"],
-                          config.lora_rank)
+        summary = json.loads((run / "summary.json").read_text())
+        labels = tuple(summary.get("labels", ()))
+        spec = model_spec(config, summary["num_labels"], config.lora_rank)
         model = resolve(config.aggregator).build_model(spec, pick_device(config.device))
         if not isinstance(model, MixtureModel):
             raise ConfigError(f"{run} is a {config.aggregator!r} run; personalize needs expert-routing")
         model.configure(ExpertConfig.from_options(config.aggregator_option_map))
-        local = datalib.encode(datalib.load_table(str(data), config), model.tokenizer, config.task,
-                               config.max_length)
-        result = personalize(model, ckpt.states[max(ckpt.states)], local, experts=experts or None)
+        local = datalib.encode(datalib.load_table(str(data), config, labels or None), model.tokenizer,
+                               config.task, config.max_length)
+        state = ckpt.states[max(ckpt.states)]
+        result = personalize(model, state, local, experts=experts or None)
+        if save is not None:
+            model.export(save, state, labels, experts=result.experts)
     except (ConfigError, ValueError) as err:
         _fail(err)
     metric = "accuracy" if "accuracy" in result.full else "loss"
@@ -278,10 +332,24 @@ def personalize_command(
                   f"{result.bytes_downloaded:,}")
     table.add_row("gate mixture of all experts", f"{result.full[metric]:.4f}", f"{result.bytes_full:,}")
     console.print(table)
+    if save is not None:
+        console.print(f"personalised model: {save} (routing.json names its experts)", highlight=False)
 
 
 def main() -> None:
-    app()
+    """The console script: any error is one line (``--debug`` or POLLINATE_DEBUG=1: the traceback)."""
+    from pollinate.server.app import one_line
+
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/]")
+        sys.exit(130)
+    except Exception as err:
+        if DEBUG["on"]:
+            raise
+        console.print(f"[red]error:[/] {one_line(err)}  (--debug shows the traceback)", highlight=False)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

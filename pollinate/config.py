@@ -9,11 +9,14 @@ value fails fast with a message naming the option, on the server, before any rou
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+from pollinate.codec.encodings import ENCODINGS
 
 
 class ConfigError(ValueError):
@@ -25,6 +28,14 @@ PARTITIONS = ("iid", "dirichlet", "classes")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "sgd")
 DP_MODES = ("none", "sample", "client-central", "client-local")
+DATA_FORMATS = ("auto", "prompt-response", "alpaca", "messages")
+BASE_DTYPES = ("fp32", "bf16")
+QUANTIZATIONS = ("none", "4bit")
+
+
+def option(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:
+    """A run-config field with its one-line help (and allowed values), like peft's config fields."""
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass(frozen=True)
@@ -32,63 +43,90 @@ class RunConfig:
     """Every option of a Pollinate run; field ``foo_bar`` is run-config key ``foo-bar``."""
 
     # federation
-    num_server_rounds: int = 5
-    fraction_train: float = 1.0
-    min_train_nodes: int = 2
-    round_timeout: float = 600.0
+    num_server_rounds: int = option(5, "federated rounds to run")
+    fraction_train: float = option(1.0, "share of connected nodes sampled each round, in (0, 1]")
+    min_train_nodes: int = option(2, "nodes to wait for before a round starts")
+    round_timeout: float = option(600.0, "seconds to wait for the sampled nodes' replies")
     # task, model and data
-    task: str = "classification"
-    model: str = ""
-    train_data: str = ""
-    test_data: str = ""
-    text_column: str = "text"
-    label_column: str = "label"
-    prompt_column: str = "prompt"
-    response_column: str = "response"
-    num_clients: int = 10
-    partition: str = "dirichlet"
-    dirichlet_alpha: float = 0.5
-    classes_per_client: int = 2
-    max_train_examples: int = 0
-    test_examples: int = 500
-    max_length: int = 64
+    task: str = option("classification", "classification or causal-lm", TASKS)
+    model: str = option("", "model path, or random:llama-tiny; empty = the bundled all-MiniLM-L6-v2")
+    train_data: str = option("", "training table (CSV, JSONL or saved dataset); empty = generated task")
+    test_data: str = option("", "held-out table the server scores; empty = test-fraction of train-data")
+    test_fraction: float = option(0.1, "share of train-data held out for the server when test-data is "
+                                       "empty, in (0, 1)")
+    text_column: str = option("text", "column holding the input text (classification)")
+    label_column: str = option("label", "column holding the label: integers or names (classification)")
+    prompt_column: str = option("prompt", "column holding the prompt (causal-lm)")
+    response_column: str = option("response", "column holding the response (causal-lm)")
+    num_clients: int = option(10, "simulated clients (SuperNodes); the partitions of train-data")
+    partition: str = option("dirichlet", "how train-data is split across simulated clients", PARTITIONS)
+    dirichlet_alpha: float = option(0.5, "label skew of partition=dirichlet (smaller = more skewed)")
+    classes_per_client: int = option(2, "labels per client with partition=classes")
+    max_train_examples: int = option(0, "cap on each client's examples, simulated or deployed "
+                                        "(0 = all of its data)")
+    test_examples: int = option(500, "cap on the server's held-out examples (0 = all)")
+    max_length: int = option(64, "tokens kept per example")
+    # causal LMs (docs/llm.md)
+    data_format: str = option("auto", "causal-lm data: auto = from the columns (messages, "
+                                      "instruction/input/output, prompt/response)", DATA_FORMATS)
+    eval_generate: int = option(0, "held-out instruction examples the server answers greedily each "
+                                   "round, scored by exact match and token F1 (0 = off)")
+    eval_max_new_tokens: int = option(32, "new-token budget of each eval-generate answer")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward instead of "
+                                                 "keeping them (less memory, ~30% more compute)")
+    base_dtype: str = option("fp32", "dtype of the frozen base weights (causal-lm); the adapter stays "
+                                     "fp32", BASE_DTYPES)
+    quantization: str = option("none", "4bit = NF4 base weights through bitsandbytes, QLoRA-style "
+                                       "(causal-lm, CUDA nodes only)", QUANTIZATIONS)
+    loss_chunk_size: int = option(1024, "tokens per chunk of the causal-LM loss, which never holds "
+                                        "all logits (0 = the model's own loss)")
+    compile: bool = option(False, "torch.compile each decoder layer before local training (causal-lm)")
     # adapter
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    target_modules: str = "auto"
-    rank_profile: str = ""
+    lora_rank: int = option(8, "LoRA rank r")
+    lora_alpha: float = option(16.0, "LoRA alpha (scaling alpha / r)")
+    lora_dropout: float = option(0.0, "dropout on the LoRA input")
+    target_modules: str = option("auto", "comma-separated module names to adapt; auto = per model family")
+    rank_profile: str = option("", "comma-separated LoRA ranks of the simulated clients, cycled")
     # aggregation
-    aggregator: str = "fedit"
-    aggregator_options: str = ""
+    aggregator: str = option("fedit", "method: a built-in name, module:Class path or entry point "
+                                      "(`pollinate aggregators`)")
+    aggregator_options: str = option("", "the method's options: key=value,key=[1,2] or a JSON object")
     # local training
-    local_epochs: int = 1
-    local_steps: int = 0
-    batch_size: int = 32
-    learning_rate: float = 3e-3
-    optimizer: str = "adamw"  # sgd: momentum 0.9; DP-SGD's choice for short rounds (docs/privacy.md)
-    max_grad_norm: float = 1.0
-    precision: str = "auto"
-    device: str = "auto"
-    seed: int = 0
-    # differential privacy (docs/privacy.md); max-grad-norm is the per-sample clip of dp=sample
-    dp: str = "none"
-    target_epsilon: float = 8.0
-    delta: float = 1e-5
-    noise_multiplier: float = -1.0
-    clip_norm: float = 1.0
+    local_epochs: int = option(1, "local epochs per round (used when local-steps is 0)")
+    local_steps: int = option(0, "local optimizer steps per round (0 = local-epochs)")
+    batch_size: int = option(32, "local batch size")
+    learning_rate: float = option(3e-3, "local learning rate")
+    optimizer: str = option("adamw", "local optimizer; sgd uses momentum 0.9 (docs/privacy.md)", OPTIMIZERS)
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0 = off); the per-sample clip of dp=sample")
+    precision: str = option("auto", "autocast precision; auto = bf16 on GPUs, fp32 on CPUs", PRECISIONS)
+    device: str = option("auto", "cpu, cuda, cuda:1, mps or auto")
+    seed: int = option(0, "seed for data, partitions, model init and sampling")
+    # differential privacy (docs/privacy.md)
+    dp: str = option("none", "differential privacy: sample (DP-SGD), client-central or client-local",
+                     DP_MODES)
+    target_epsilon: float = option(8.0, "privacy budget epsilon; the run stops a client or round "
+                                        "that would exceed it")
+    delta: float = option(1e-5, "privacy delta, in (0, 1)")
+    noise_multiplier: float = option(-1.0, "noise std / clip norm (-1 = solve it from target-epsilon)")
+    clip_norm: float = option(1.0, "clip norm of a client's update with client-level DP")
     # wire format
-    codec: str = "topk-int8"
-    density: float = 0.1
-    error_feedback: bool = True
-    downlink_codec: str = "topk-ternary"
-    downlink_density: float = 0.1
-    max_payload_bytes: int = 64 * 1024 * 1024
-    keep_versions: int = 8
+    codec: str = option("topk-int8", "uplink encoding of client updates", ENCODINGS)
+    density: float = option(0.1, "share of entries a top-k uplink codec keeps, in (0, 1]")
+    error_feedback: bool = option(True, "carry what a lossy codec dropped into the next round")
+    downlink_codec: str = option("topk-ternary", "downlink encoding of the global increment", ENCODINGS)
+    downlink_density: float = option(0.1, "share of entries a top-k downlink codec keeps, in (0, 1]")
+    max_payload_bytes: int = option(64 * 1024 * 1024, "largest payload accepted either way")
+    keep_versions: int = option(8, "global versions kept for delta downlinks to lagging nodes")
+    # untrusted clients (docs/architecture.md, "Hostile clients")
+    max_client_examples: int = option(0, "largest num-examples a reply may claim, its weight cap "
+                                         "(0 = max-train-examples if set, else 1,000,000)")
+    norm_screen: float = option(0.0, "k: drop updates whose norm exceeds the round's median + k x MAD "
+                                     "(0 = off)")
     # outputs
-    out: str = "runs/latest"
-    resume: bool = True
-    num_labels: int = 0
+    out: str = option("", "run directory; empty = a fresh runs/<date>-<time>[-run<id>]")
+    resume: bool = option(False, "continue the run whose checkpoint is in out")
+    overwrite: bool = option(False, "replace the run in out")
+    num_labels: int = option(0, "label count (0 = from the data); a deployed server without data needs it")
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -111,10 +149,10 @@ class RunConfig:
             name = key.replace("-", "_")
             if name not in known:
                 if not allow_extra:
-                    raise ConfigError(f"unknown option {key!r}")
+                    raise ConfigError(f"unknown option {key!r}{suggest(key, option_names())}")
                 extra[key.replace("_", "-")] = value
                 continue
-            kwargs[name] = _coerce(key, value, known[name].type)
+            kwargs[name] = coerce(_key(name), value, known[name].type)
         return cls(**kwargs, extra=extra)
 
     def to_mapping(self) -> dict[str, bool | int | float | str]:
@@ -174,7 +212,8 @@ class RunConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_key(name)} must be > 0, got {getattr(self, name)}")
         non_negative = ("local_epochs", "local_steps", "max_train_examples", "test_examples",
-                        "max_grad_norm", "lora_dropout", "min_train_nodes")
+                        "max_grad_norm", "lora_dropout", "min_train_nodes", "max_client_examples",
+                        "norm_screen")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_key(name)} must be >= 0, got {getattr(self, name)}")
@@ -193,10 +232,16 @@ class RunConfig:
             raise ConfigError(f"dirichlet-alpha must be > 0, got {self.dirichlet_alpha}")
         if self.classes_per_client <= 0:
             raise ConfigError(f"classes-per-client must be > 0, got {self.classes_per_client}")
-        for name, allowed in (("task", TASKS), ("partition", PARTITIONS), ("precision", PRECISIONS),
-                              ("optimizer", OPTIMIZERS)):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{_key(name)} must be one of {allowed}, got {getattr(self, name)!r}")
+        for f in fields(self):
+            allowed = f.metadata.get("choices")
+            if allowed and getattr(self, f.name) not in allowed:
+                raise ConfigError(f"{_key(f.name)} must be one of {', '.join(allowed)}, "
+                                  f"got {getattr(self, f.name)!r}"
+                                  f"{suggest(str(getattr(self, f.name)), allowed)}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError(f"test-fraction must be in (0, 1), got {self.test_fraction}")
+        if self.resume and self.overwrite:
+            raise ConfigError("give at most one of resume and overwrite")
         if not self.target_module_list:
             raise ConfigError("target-modules must name at least one module")
         if self.rank_profile:
@@ -207,11 +252,28 @@ class RunConfig:
             if not ranks or min(ranks) <= 0:
                 raise ConfigError(f"rank-profile ranks must all be > 0, got {self.rank_profile!r}")
         self.aggregator_option_map  # noqa: B018 - parse now so a bad string fails fast
+        self._check_causal_lm()
         self._check_privacy()
 
+    def _check_causal_lm(self) -> None:
+        for name in ("eval_generate", "loss_chunk_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{_key(name)} must be >= 0, got {getattr(self, name)}")
+        if self.eval_max_new_tokens <= 0:
+            raise ConfigError(f"eval-max-new-tokens must be > 0, got {self.eval_max_new_tokens}")
+        if self.task != "causal-lm":
+            for name, off in (("eval_generate", 0), ("base_dtype", "fp32"), ("quantization", "none"),
+                              ("compile", False), ("data_format", "auto")):
+                if getattr(self, name) != off:
+                    raise ConfigError(f"{_key(name)}={getattr(self, name)} is for task=causal-lm")
+        if self.dp == "sample":
+            for name, off in (("gradient_checkpointing", False), ("quantization", "none"),
+                              ("compile", False)):
+                if getattr(self, name) != off:
+                    raise ConfigError(f"{_key(name)}={getattr(self, name)} does not work with "
+                                      "dp=sample (opacus needs the plain model's per-sample hooks)")
+
     def _check_privacy(self) -> None:
-        if self.dp not in DP_MODES:
-            raise ConfigError(f"dp must be one of {DP_MODES}, got {self.dp!r}")
         if not self.target_epsilon > 0:
             raise ConfigError(f"target-epsilon must be > 0, got {self.target_epsilon}")
         if not 0.0 < self.delta < 1.0:
@@ -225,15 +287,52 @@ class RunConfig:
             raise ConfigError("max-grad-norm must be > 0 with dp=sample (it is the per-sample clipping norm)")
         if self.dp != "none" and self.noise_multiplier == -1.0 and math.isinf(self.target_epsilon):
             raise ConfigError("target-epsilon must be finite to solve noise-multiplier from it")
+        if self.dp == "client-central" and self.norm_screen:
+            raise ConfigError("norm-screen does not work with dp=client-central: clipping already bounds "
+                              "each client, and drops that depend on the other clients' norms are outside "
+                              "the accountant")
 
 
 def parse_options(text: str, option: str) -> dict[str, Any]:
-    """Parse ``key=value,key=value``; values are JSON where they parse, else strings."""
+    """Parse a JSON object, or ``key=value,key=value`` split at top-level commas only.
+
+    Values are JSON where they parse (``budgets=[2,6]``, ``top-k=2``), else strings, so a
+    list or an object can be written without its commas splitting it.
+    """
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{option}: not a JSON object ({err.msg} at character {err.pos})") from err
+        if not isinstance(parsed, dict):
+            raise ConfigError(f"{option}: expected a JSON object, got {text!r}")
+        return parsed
     out: dict[str, Any] = {}
-    for item in (p.strip() for p in text.split(",")):
-        if item:
-            out.update(parse_assignment(item, option))
+    for item in _top_level_split(text):
+        if item.strip():
+            out.update(parse_assignment(item.strip(), option))
     return out
+
+
+def _top_level_split(text: str) -> list[str]:
+    """Split at commas outside brackets, braces and quotes."""
+    parts, depth, quote, current = [], 0, "", []
+    for char in text:
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        elif char in "[{(":
+            depth += 1
+        elif char in "]})":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    return parts + ["".join(current)]
 
 
 def parse_assignment(item: str, option: str) -> dict[str, Any]:
@@ -247,27 +346,69 @@ def parse_assignment(item: str, option: str) -> dict[str, Any]:
         return {key: raw}
 
 
+def option_names() -> list[str]:
+    """Every run-config key, hyphenated."""
+    return [_key(f.name) for f in fields(RunConfig) if f.name != "extra"]
+
+
+def option_help() -> list[tuple[str, str, str, str]]:
+    """``(key, type, default, help)`` of every run-config option, for ``pollinate options``."""
+    rows = []
+    for f in fields(RunConfig):
+        if f.name == "extra":
+            continue
+        text = f.metadata["help"]
+        if f.metadata["choices"]:
+            text += f" ({' | '.join(f.metadata['choices'])})"
+        rows.append((_key(f.name), str(f.type), json.dumps(f.default), text))
+    return rows
+
+
+def suggest(word: str, candidates: Any) -> str:
+    """``"; did you mean 'x'?"`` for the closest candidates (difflib), or ``""``."""
+    close = difflib.get_close_matches(word, list(candidates), n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
 def _key(name: str) -> str:
     return name.replace("_", "-")
 
 
-def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    kind = {"int": int, "float": float, "str": str, "bool": bool}.get(str(annotation), None)
+_KINDS = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def coerce(key: str, value: Any, annotation: Any) -> Any:
+    """``value`` as the option's type, refusing every lossy conversion (``3.5`` is no int).
+
+    The one coercion routine of run-config values (CLI strings, TOML and JSON values).
+    """
+    kind = _KINDS.get(str(annotation), annotation if annotation in _KINDS.values() else None)
     if kind is None:
         return value
     if kind is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
-            return value.lower() in ("true", "1")
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+            return value.strip().lower() in ("true", "1")
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
-        raise ConfigError(f"{key} must be a boolean, got {value!r}")
-    if kind is int and isinstance(value, float) and not value.is_integer():
-        raise ConfigError(f"{key} must be an integer, got {value!r}")
-    if kind in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{key} must be a boolean (true or false), got {value!r}")
+    if kind is str:
+        if isinstance(value, (dict, list)):
+            return json.dumps(value)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    if isinstance(value, bool):
         raise ConfigError(f"{key} must be a number, got {value!r}")
     try:
-        return kind(float(value)) if kind is int and isinstance(value, str) else kind(value)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{key} must be of type {kind.__name__}, got {value!r}") from err
+        number = float(value) if isinstance(value, str) else value
+        if not isinstance(number, (int, float)):
+            raise TypeError
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be of type {kind.__name__}, got {value!r}") from None
+    if kind is int:
+        if isinstance(number, float) and not (math.isfinite(number) and number.is_integer()):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return int(number)
+    return float(number)

@@ -12,10 +12,9 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from datasets import Dataset, load_from_disk
+from datasets import Dataset
 from flwr_datasets.partitioner import (
     DirichletPartitioner,
     IidPartitioner,
@@ -24,6 +23,7 @@ from flwr_datasets.partitioner import (
 )
 from transformers import PreTrainedTokenizerBase
 
+from pollinate import tables
 from pollinate.config import ConfigError, RunConfig
 
 GENERATED = ""  # an empty data path selects the built-in generated task
@@ -56,68 +56,89 @@ def generated_classification(n: int, seed: int, num_classes: int = 4) -> Dataset
 
 
 def generated_causal(n: int, seed: int) -> Dataset:
-    """Prompt/response pairs with a learnable rule (continue a counting sequence)."""
-    rng = random.Random(seed)
-    prompts, responses = [], []
-    for _ in range(n):
-        start = rng.randrange(0, 90)
-        prompts.append("count " + " ".join(str(start + i) for i in range(3)))
-        responses.append(" ".join(str(start + i) for i in range(3, 6)))
-    return Dataset.from_dict({"prompt": prompts, "response": responses})
+    """Alpaca-style instructions with learnable rules (``instructions.generated_instructions``)."""
+    from pollinate import instructions  # it imports this module
+
+    return instructions.generated_instructions(n, seed)
 
 
-def load_table(path: str, config: RunConfig) -> Dataset:
-    """Read a CSV / JSONL / saved dataset and rename its columns to the standard ones."""
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"data file not found: {path}")
-    if p.is_dir():
-        table = load_from_disk(str(p))
-    elif p.suffix == ".csv":
-        table = Dataset.from_csv(str(p))
-    elif p.suffix in (".jsonl", ".json"):
-        table = Dataset.from_json(str(p))
-    else:
-        raise ConfigError(f"data file {path}: expected .csv, .jsonl or a saved dataset directory")
-    if not isinstance(table, Dataset):
-        raise ConfigError(f"data {path}: expected one split, found {list(table)}")
-    wanted = _columns(config)
-    for column in wanted.values():
-        if column not in table.column_names:
-            raise ConfigError(f"data {path}: missing column {column!r} (has {table.column_names})")
+def load_table(path: str, config: RunConfig, names: Sequence[str] | None = None) -> Dataset:
+    """Read a CSV / JSON(L) / saved dataset, check it, and rename its columns to the standard ones.
+
+    Classification labels become integer ids: integers as they are, names through
+    ``names`` (the run's label map) or, without it, this file's sorted names, kept as a
+    ``ClassLabel`` column (see :mod:`pollinate.tables`). Every error names file, line, column.
+    """
+    table, where = tables.read_rows(path)
+    wanted = _columns(config, table.column_names)
+    tables.check_columns(table, path, list(wanted.values()))
+    if config.task == "classification":
+        tables.check_text(table, path, config.text_column, where)
+        table = tables.label_ids(table, path, config.label_column, where, names or None)
     table = table.select_columns(list(wanted.values()))
     return table.rename_columns({c: s for s, c in wanted.items() if c != s})
 
 
-def _columns(config: RunConfig) -> dict[str, str]:
+def _columns(config: RunConfig, available: Sequence[str]) -> dict[str, str]:
+    """Standard name -> the file's column; causal-lm tables by their format (``data-format``)."""
     if config.task == "classification":
         return {"text": config.text_column, "label": config.label_column}
-    return {"prompt": config.prompt_column, "response": config.response_column}
+    from pollinate import instructions  # it imports this module
+
+    return instructions.columns(config, available)
 
 
 def train_table(config: RunConfig) -> Dataset:
+    """What clients train on: ``train-data`` less the server's held-out share, or the generated task."""
     if config.train_data:
-        return load_table(config.train_data, config)
+        table = load_table(config.train_data, config)
+        return table if config.test_data else _held_out_split(table, config)["train"]
     if config.task == "classification":
         return generated_classification(2000, config.seed)
     return generated_causal(2000, config.seed)
 
 
-def test_table(config: RunConfig) -> Dataset:
-    """The server's held-out split, capped at ``test-examples`` (a fixed, seeded sample)."""
+def test_table(config: RunConfig, names: Sequence[str] | None = None) -> Dataset:
+    """The server's held-out split, capped at ``test-examples`` (a fixed, seeded sample).
+
+    ``test-data`` (its labels mapped through the training file's names), else the
+    ``test-fraction`` of ``train-data`` that :func:`train_table` leaves out; the
+    generated task's test set only for the generated task.
+    """
     if config.test_data:
-        table = load_table(config.test_data, config)
+        if names is None and config.train_data and config.task == "classification":
+            names = label_names(load_table(config.train_data, config))
+        table = load_table(config.test_data, config, names)
+    elif config.train_data:
+        table = _held_out_split(load_table(config.train_data, config), config)["test"]
     elif config.task == "classification":
         table = generated_classification(max(config.test_examples, 1), config.seed + 10_000)
     else:
         table = generated_causal(max(config.test_examples, 1), config.seed + 10_000)
     if config.test_examples and len(table) > config.test_examples:
         table = table.shuffle(seed=config.seed).select(range(config.test_examples))
+    if config.task == "causal-lm":
+        from pollinate import instructions  # it imports this module
+
+        table = instructions.mark_generation(table, config)
     return table
 
 
-def num_labels(*tables: Dataset) -> int:
-    return max(max(t["label"]) for t in tables if len(t)) + 1
+def _held_out_split(table: Dataset, config: RunConfig) -> dict[str, Dataset]:
+    if len(table) < 2:
+        raise ConfigError(f"{config.train_data}: {len(table)} row(s) cannot be split into training and "
+                          "held-out data; give --test-data")
+    return table.train_test_split(test_size=config.test_fraction, seed=config.seed)
+
+
+def label_names(*tables_: Dataset) -> tuple[str, ...]:
+    """The run's label names (``ClassLabel`` names of the first table that has them), or ``()``."""
+    return next((names for t in tables_ if (names := tables.label_names(t))), ())
+
+
+def num_labels(*tables_: Dataset) -> int:
+    names = label_names(*tables_)
+    return len(names) if names else max(max(t["label"]) for t in tables_ if len(t)) + 1
 
 
 def partitioner(config: RunConfig, num_partitions: int) -> Partitioner:
@@ -148,10 +169,14 @@ def client_table(config: RunConfig, table: Dataset, partition_id: int, num_parti
                               f"has only {labels} labels")
     parts = partitioner(config, num_partitions)
     parts.dataset = table
-    part = parts.load_partition(partition_id)
-    if config.max_train_examples and len(part) > config.max_train_examples:
-        part = part.shuffle(seed=config.seed + partition_id).select(range(config.max_train_examples))
-    return part
+    return cap_examples(parts.load_partition(partition_id), config, partition_id)
+
+
+def cap_examples(table: Dataset, config: RunConfig, salt: int = 0) -> Dataset:
+    """``table`` cut to ``max-train-examples`` rows (a seeded sample) when it has more."""
+    if config.max_train_examples and len(table) > config.max_train_examples:
+        return table.shuffle(seed=config.seed + salt).select(range(config.max_train_examples))
+    return table
 
 
 @dataclass
@@ -169,15 +194,9 @@ def encode(table: Dataset, tokenizer: PreTrainedTokenizerBase, task: str, max_le
     if task == "classification":
         ids = tokenizer(list(table["text"]), truncation=True, max_length=max_length)["input_ids"]
         return Encoded(ids, [int(x) for x in table["label"]])
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-    ids, labels = [], []
-    for prompt, response in zip(table["prompt"], table["response"], strict=True):
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        r = tokenizer(" " + response, add_special_tokens=False)["input_ids"] + [eos]
-        seq = (p + r)[:max_length]
-        ids.append(seq)
-        labels.append(([-100] * len(p) + r)[:max_length])
-    return Encoded(ids, labels)
+    from pollinate import instructions  # it imports this module
+
+    return instructions.encode(table, tokenizer, max_length)
 
 
 BUCKET_WINDOW = 8  # batches per length-sorted window of a shuffled, bucketed pass

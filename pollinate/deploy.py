@@ -164,6 +164,15 @@ def register_command(public_key: str | Path, connection: str) -> list[str]:
     return ["flwr", "supernode", "register", str(public_key), connection]
 
 
+def app_config(app: str | Path) -> dict[str, Any]:
+    """The app's default run config (``[tool.flwr.app.config]``), what ``flwr run`` starts from."""
+    pyproject = Path(app) / "pyproject.toml"
+    if not pyproject.exists():
+        raise DeployError(f"{app} has no pyproject.toml (the app directory `flwr run` builds)")
+    tool = tomllib.loads(pyproject.read_text()).get("tool", {})
+    return tool.get("flwr", {}).get("app", {}).get("config", {})
+
+
 def run_command(app: str | Path, connection: str, run_config: Mapping[str, Any] | None = None,
                 *, stream: bool = False) -> list[str]:
     """``flwr run``: build the FAB from ``app`` (a directory with pyproject.toml) and start a run."""

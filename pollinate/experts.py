@@ -604,22 +604,26 @@ class MixtureModel(AdapterModel):
 
     # -- export -------------------------------------------------------------------------
 
-    def export(self, directory: str | Path, state: Tensors | None = None) -> Path:
-        """``expert-{e}/``: each expert with the head as a standard peft adapter (top-1 routing
-        to e is exactly that model); ``gate.safetensors`` and ``routing.json`` beside them."""
+    def export(self, directory: str | Path, state: Tensors | None = None, labels: tuple[str, ...] = (),
+               experts: Sequence[int] | None = None) -> Path:
+        """``expert-{e}/``: each expert (or only ``experts``, a client's personalised set) with
+        the head as a standard peft adapter (top-1 routing to e is exactly that model);
+        ``gate.safetensors`` and ``routing.json`` (which experts are there) beside them."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = self.adapter_state() if state is None else state
         plain = build_model(self.spec, "cpu")
-        for e in range(self.num_experts):
-            plain.export(directory / f"expert-{e}", single_expert_state(state, e, self.head_names()))
+        kept = sorted(experts) if experts is not None else list(range(self.num_experts))
+        for e in kept:
+            plain.export(directory / f"expert-{e}", single_expert_state(state, e, self.head_names()), labels)
         save_file({n.removeprefix(GATE_PREFIX): state[n].contiguous() for n in self.gate_names()},
                   str(directory / "gate.safetensors"))
         config = {f.name: getattr(self.config, f.name) for f in fields(self.config)}
         (directory / "routing.json").write_text(json.dumps(
-            {"options": config, "layers": sorted(self.layers), "embedding": "mean-pooled, L2-normalised "
+            {"options": config, "experts": kept, "layers": sorted(self.layers),
+             "embedding": "mean-pooled, L2-normalised "
              "last hidden state of the base model with adapters disabled"}, indent=2))
         return directory
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,12 +40,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 transformers_logging.set_verbosity_error()
 transformers_logging.disable_progress_bar()
+# peft asks every model this on wrapping; the rename notice would print once per process (actor)
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 HEAD_MODULES = ("classifier", "score")
 DEFAULT_TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"]}
 RANDOM_LLAMA_SHAPES = {
+    # init std 0.2, not Llama's 0.02: at hidden 64 a frozen random head of std 0.02 caps every
+    # logit near 1, so no adapter could make a prediction confident (loss stays ~ln(vocab))
     "llama-tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, intermediate_size=128),
+                       num_key_value_heads=2, intermediate_size=128, initializer_range=0.2),
     "llama-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
                      num_key_value_heads=8, intermediate_size=8192, vocab_size=128256),
     "llama-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
@@ -66,6 +71,8 @@ class ModelSpec:
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("auto",)
     seed: int = 0
+    base_dtype: str = "fp32"
+    quantization: str = "none"
 
 
 def default_model_path() -> str:
@@ -143,11 +150,91 @@ def build_model(spec: ModelSpec, device: torch.device | str = "cpu",
             raise ConfigError(f"lora-rank must be > 0, got {spec.rank}")
         if getattr(base.config, "pad_token_id", None) is None:
             base.config.pad_token_id = tokenizer.pad_token_id
-        base.to(device)
         lora = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                           target_modules=targets, modules_to_save=list(modules_to_save) or None)
-        peft_model = get_peft_model(base, lora)
+        if spec.quantization == "4bit":
+            peft_model = get_peft_model(quantize_4bit(base, device), lora)
+        elif spec.base_dtype == "fp32":
+            peft_model = get_peft_model(base.to(device), lora)
+        else:  # wrap on the CPU in fp32 so the adapter's init is bit-identical to an fp32 base's
+            peft_model = get_peft_model(base, lora)
+            cast_frozen(peft_model, DTYPES[spec.base_dtype])
+            peft_model.to(device)
     return AdapterModel(peft_model, tokenizer, spec)
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
+    """Store the frozen floating-point weights in ``dtype``; trainable tensors stay fp32."""
+    for param in model.parameters():
+        if not param.requires_grad and param.is_floating_point():
+            param.data = param.data.to(dtype)
+
+
+def quantize_4bit(base: nn.Module, device: torch.device | str) -> nn.Module:
+    """NF4 base weights (QLoRA: bf16 compute, double quantization) on a CUDA device.
+
+    Every Linear but the output head becomes a bitsandbytes ``Linear4bit``; the weights
+    are quantized as they move to the GPU. peft then wraps those layers with its own 4-bit
+    LoRA layers. Needs CUDA and bitsandbytes; anything else is refused here, by name.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ConfigError(f"quantization=4bit needs a CUDA device (bitsandbytes NF4 kernels); this "
+                          f"node trains on {device}: use quantization=none, base-dtype=bf16 there")
+    try:
+        import bitsandbytes as bnb
+    except ImportError as err:
+        raise ConfigError("quantization=4bit needs bitsandbytes on this node: "
+                          "pip install bitsandbytes") from err
+    for param in base.parameters():  # what stays unquantized (embeddings, norms, head): bf16
+        param.data = param.data.to(torch.bfloat16)
+    head = base.get_output_embeddings()
+    for module in list(base.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is not nn.Linear or child is head:
+                continue
+            layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=torch.bfloat16, compress_statistics=True,
+                                      quant_type="nf4")
+            layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False,
+                                             compress_statistics=True, quant_type="nf4")
+            if child.bias is not None:
+                layer.bias = nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(module, name, layer)
+    return base.to(device)  # Params4bit quantize as they move to the GPU
+
+
+def set_gradient_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Recompute each layer's activations in backward (non-reentrant) instead of keeping them."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if enabled == any(getattr(m, "gradient_checkpointing", False) for m in base.modules()):
+        return
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5 names
+        switch = base.activation_checkpointing_enable if enabled else base.activation_checkpointing_disable
+        switch()
+    elif enabled:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_disable()
+
+
+def compile_layers(model: nn.Module) -> None:
+    """``torch.compile`` each decoder layer in place, once (parameters and their names stay).
+
+    Layer by layer rather than the whole model: every layer shares one compiled graph,
+    gradient checkpointing still wraps whole layers, and the varying lengths of
+    bucketed batches are compiled as dynamic shapes instead of one graph per length.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(base.get_decoder(), "layers", None)
+    if layers is None:
+        raise ConfigError(f"compile: no decoder layers found in {type(base).__name__}")
+    for layer in layers:
+        if getattr(layer, "_compiled_call_impl", None) is None:
+            layer.compile(dynamic=True)
 
 
 class AdapterModel:
@@ -227,12 +314,16 @@ class AdapterModel:
 
     # -- export --------------------------------------------------------------------
 
-    def export(self, directory: str | Path, state: Tensors | None = None) -> Path:
+    def export(self, directory: str | Path, state: Tensors | None = None,
+               labels: tuple[str, ...] = ()) -> Path:
         """Write the adapter with ``save_pretrained``; the head goes in ``modules_to_save``.
 
         ``PeftModel.from_pretrained(AutoModelFor...(base), directory)`` then rebuilds the
         same model. Base-weight merges (FLoRA) are exported as a full LoRA is not
-        possible; those are written as ``merged_deltas.safetensors`` beside it.
+        possible; those are written as ``merged_deltas.safetensors`` beside it. With
+        ``labels`` (the run's label names) the base model's ``config.json`` is written
+        beside the adapter with ``id2label`` / ``label2id``, so a model built from it
+        predicts names.
         """
         from safetensors.torch import save_file
 
@@ -249,6 +340,11 @@ class AdapterModel:
                     raise KeyError(f"cannot export tensor {name!r}")
                 target.copy_(value)
         peft_model.save_pretrained(str(directory))
+        if labels:
+            base_config = peft_model.get_base_model().config
+            base_config.id2label = dict(enumerate(labels))
+            base_config.label2id = {name: i for i, name in enumerate(labels)}
+            base_config.save_pretrained(str(directory))
         if self._base_originals:
             merged = {f"{layer}.weight": (self._params[f"{layer}.base_layer.weight"].detach().cpu()
                                           - orig.cpu()).contiguous()
@@ -271,6 +367,9 @@ def load_exported(directory: str | Path, spec: ModelSpec) -> PeftModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed + 1)
         base = _base_model(spec, len(tokenizer))
+    if (Path(directory) / "config.json").exists():  # the run's label names
+        saved = AutoConfig.from_pretrained(str(directory))
+        base.config.id2label, base.config.label2id = saved.id2label, saved.label2id
     return PeftModel.from_pretrained(base, str(directory))
 
 

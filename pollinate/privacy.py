@@ -8,7 +8,8 @@ privately by opacus. The client (sample-level DP, local client-level DP) and the
 
 Noise and Poisson sampling draw from generators seeded by the operating system, never
 from the run seed: the run seed is known to the server and to every client, so noise
-derived from it could be reproduced and subtracted, which would void the guarantee.
+derived from it could be reproduced and subtracted, which would void the guarantee
+(the one exception is a test-only switch, :data:`INSECURE_NOISE_SEED`, off unless set).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pollinate.config import ConfigError, RunConfig
 from pollinate.spec import Tensors
 
 SOLVE = -1.0  # noise-multiplier value meaning "solve it from target-epsilon"
+INSECURE_NOISE_SEED = "POLLINATE_INSECURE_NOISE_SEED"  # tests only, see secret_generator
 
 
 class PrivacyError(ConfigError):
@@ -58,6 +60,14 @@ class Budget:
 
     def to_bytes(self) -> bytes:
         return json.dumps(self.accountant.history).encode()
+
+    @property
+    def history(self) -> list[tuple]:
+        return self.accountant.history
+
+    @history.setter
+    def history(self, history: list[tuple]) -> None:
+        self.accountant.history = list(history)
 
     @property
     def steps(self) -> int:
@@ -92,11 +102,16 @@ def noise_multiplier(config: RunConfig, sample_rate: float, steps: int) -> float
     """``noise-multiplier`` as given, else the smallest one meeting ``target-epsilon`` after ``steps``."""
     if config.noise_multiplier != SOLVE:
         return config.noise_multiplier
+    return solve_noise(config.target_epsilon, config.delta, sample_rate, steps)
+
+
+def solve_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """The smallest noise multiplier whose ``steps`` steps at ``sample_rate`` stay within the target."""
     try:
-        return float(get_noise_multiplier(target_epsilon=config.target_epsilon, target_delta=config.delta,
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
                                           sample_rate=sample_rate, steps=steps, accountant="rdp"))
     except ValueError as err:
-        raise PrivacyError(f"target-epsilon={config.target_epsilon} cannot be met in {steps} steps at "
+        raise PrivacyError(f"target-epsilon={target_epsilon} cannot be met in {steps} steps at "
                            f"sampling rate {sample_rate:.4g}: {err}") from err
 
 
@@ -124,8 +139,19 @@ def add_noise(tensors: Mapping[str, torch.Tensor], std: float,
 
 
 def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator seeded from the operating system's entropy, unknown to every other party."""
-    return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+    """A generator seeded from the operating system's entropy, unknown to every other party.
+
+    Tests only: with the environment variable :data:`INSECURE_NOISE_SEED` set to an
+    integer, the seed is drawn from torch's global RNG (which the client seeds per round
+    and partition) mixed with that integer, so DP runs repeat exactly. That noise is
+    **not private**: anyone who knows the run seed can reproduce and subtract it.
+    """
+    insecure = os.environ.get(INSECURE_NOISE_SEED)
+    if insecure is not None:
+        seed = int(torch.randint(2**62, (1,))) ^ int(insecure)
+    else:
+        seed = int.from_bytes(os.urandom(8), "little") >> 1
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 # -- which adapters opacus can train privately ------------------------------------------

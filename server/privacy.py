@@ -8,15 +8,18 @@ by at most C/m whatever it sends). That noisy mean is handed to the wrapped meth
 the round's only update, so whatever the method then computes (FedIT's mean, HetLoRA's
 norm weights, ...) is post-processing of a private release.
 
-The client-level epsilon comes from opacus' RDP accountant with sampling rate
-m / ``num-clients`` per round and one step per aggregated round (the accountant assumes
-Poisson sampling of clients; the server samples m of them uniformly without replacement,
-the usual approximation, see docs/privacy.md).
+The client-level epsilon comes from opacus' RDP accountant with one step per aggregated
+round at sampling rate m / N, N the nodes the grid reports for that round (not the
+configured ``num-clients``). The server draws the m nodes with a secret RNG, so the
+amplification by subsampling holds against anyone who knows the run seed; the accountant
+assumes Poisson sampling, the server samples m uniformly without replacement, the usual
+approximation (docs/privacy.md). Sigma is solved once, at the run's first round, and
+stored with the accountant's history in the checkpoint: a resumed run keeps both, and a
+round that would exceed ``target-epsilon`` is refused before any node is sampled.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,26 +30,55 @@ from pollinate.aggregators import AggregationError, Aggregator, ClientUpdate
 from pollinate.aggregators.base import Instructions
 from pollinate.config import RunConfig
 from pollinate.modeling import AdapterModel
-from pollinate.privacy import Budget, PrivacyError, add_noise, check_private, clip, noise_multiplier
+from pollinate.privacy import SOLVE, Budget, PrivacyError, add_noise, check_private, clip, solve_noise
 from pollinate.spec import AdapterSpec, Tensors
 
 
 class CentralDP(Aggregator):
-    """Clip, sum, noise and average client updates, then let ``inner`` aggregate the noisy mean."""
+    """Clip, sum, noise and average client updates, then let ``inner`` aggregate the noisy mean.
+
+    ``noise_multiplier`` may be :data:`SOLVE`: the first :meth:`plan` solves it for
+    ``rounds`` rounds at that round's sampling rate, and it stays fixed for the run.
+    """
 
     def __init__(self, inner: Aggregator, *, template: Tensors, rank: int, alpha: float,
-                 clip_norm: float, noise_multiplier: float, budget: Budget, population: int,
-                 planned_rate: float, generator: torch.Generator | None = None):
+                 clip_norm: float, noise_multiplier: float, budget: Budget, rounds: int,
+                 generator: torch.Generator | None = None):
         super().__init__(**inner.options)
         self.inner = inner
         self.name = inner.name
         self.template = {n: torch.zeros(t.shape) for n, t in template.items()}
         self.rank, self.alpha = rank, alpha
         self.clip_norm, self.noise_multiplier = clip_norm, noise_multiplier
-        self.budget, self.population, self.planned_rate = budget, population, planned_rate
+        self.budget, self.rounds = budget, rounds
         self.generator = generator
         self._sampled = 0
-        self._last_round: int | None = None
+        self._round: dict[str, Any] = {}  # this round's population, sample, rate, or why it was refused
+
+    # -- accounting across the run ----------------------------------------------------------
+
+    def plan(self, rnd: int, population: int, sampled: int) -> bool:
+        """Whether round ``rnd`` may run with ``sampled`` of the ``population`` nodes the grid reports."""
+        rate = min(1.0, sampled / population)
+        if self.noise_multiplier == SOLVE:
+            self.noise_multiplier = solve_noise(self.budget.target_epsilon, self.budget.delta, rate,
+                                                self.rounds)
+        self._round = {"population": population, "sampled": sampled, "sample_rate": rate}
+        if self.budget.allows(self.noise_multiplier, rate, 1):
+            return True
+        self._round["refused"] = (f"round {rnd} refused: epsilon {self.epsilon:.4g} spent, one more round "
+                                  f"at sampling rate {rate:.4g} and noise multiplier "
+                                  f"{self.noise_multiplier:.4g} would exceed target-epsilon "
+                                  f"{self.budget.target_epsilon:g}")
+        return False
+
+    def accounting(self) -> dict[str, Any]:
+        """What a checkpoint keeps: the run's sigma and the accountant's exact history."""
+        return {"noise_multiplier": self.noise_multiplier, "history": [list(h) for h in self.budget.history]}
+
+    def restore_accounting(self, state: dict[str, Any]) -> None:
+        self.noise_multiplier = float(state["noise_multiplier"])
+        self.budget.history = [tuple(h) for h in state["history"]]
 
     # -- delegated ----------------------------------------------------------------------
 
@@ -72,9 +104,6 @@ class CentralDP(Aggregator):
     # -- the mechanism --------------------------------------------------------------------
 
     def begin(self, rnd: int, state: Tensors) -> None:
-        if self._last_round is None and rnd > 1:  # resumed: the earlier rounds were released
-            self.budget.step(self.noise_multiplier, self.planned_rate, rnd - 1)
-        self._last_round = rnd
         super().begin(rnd, state)
         self.inner.begin(rnd, state)
         self._count = 0
@@ -102,7 +131,7 @@ class CentralDP(Aggregator):
                             rank=self.rank, alpha=self.alpha)
         self.inner.check(mean)
         self.inner.accumulate(mean)
-        self.budget.step(self.noise_multiplier, min(1.0, m / self.population))
+        self.budget.step(self.noise_multiplier, self._round["sample_rate"])
         return self.inner.finalize()
 
     @property
@@ -110,14 +139,9 @@ class CentralDP(Aggregator):
         return self.budget.spent()
 
     def metrics(self) -> dict[str, float]:
-        return {**self.inner.metrics(), "epsilon": self.epsilon, "noise_multiplier": self.noise_multiplier,
-                "clip_norm": self.clip_norm}
-
-
-def planned_sample_rate(config: RunConfig) -> float:
-    """Fraction of ``num-clients`` the server samples per round (as ``Coordinator._sample`` does)."""
-    n = config.num_clients
-    return min(n, max(config.min_train_nodes, 1, math.ceil(config.fraction_train * n))) / n
+        return {**self.inner.metrics(), **self._round, "epsilon": self.epsilon,
+                "noise_multiplier": self.noise_multiplier, "clip_norm": self.clip_norm,
+                "dp_steps": self.budget.steps}
 
 
 def private_aggregator(aggregator: Aggregator, config: RunConfig, model: AdapterModel,
@@ -152,12 +176,25 @@ def private_aggregator(aggregator: Aggregator, config: RunConfig, model: Adapter
     except AggregationError as err:
         raise PrivacyError(f"dp=client-central: aggregator {config.aggregator!r} cannot aggregate the "
                            f"one noisy mean client-level DP releases per round: {err}") from err
-    rate = planned_sample_rate(config)
-    sigma = noise_multiplier(config, rate, config.num_server_rounds)
     return CentralDP(aggregator, template=template, rank=model.spec.rank, alpha=model.spec.alpha,
-                     clip_norm=config.clip_norm, noise_multiplier=sigma,
-                     budget=Budget(config.target_epsilon, config.delta), population=config.num_clients,
-                     planned_rate=rate, generator=generator)
+                     clip_norm=config.clip_norm, noise_multiplier=config.noise_multiplier,
+                     budget=Budget(config.target_epsilon, config.delta), rounds=config.num_server_rounds,
+                     generator=generator)
+
+
+def privacy_state(aggregator: Aggregator) -> dict[str, Any] | None:
+    """The server's DP state a checkpoint must keep (``None`` without client-central DP)."""
+    return aggregator.accounting() if isinstance(aggregator, CentralDP) else None
+
+
+def restore_privacy(aggregator: Aggregator, state: dict[str, Any] | None) -> None:
+    """Put a checkpoint's sigma and accountant history back; refuse to resume without them."""
+    if not isinstance(aggregator, CentralDP):
+        return
+    if state is None:
+        raise PrivacyError("the checkpoint holds no client-level DP accountant (written before it was "
+                           "stored); resuming would misreport epsilon, start a new run instead")
+    aggregator.restore_accounting(state)
 
 
 def round_privacy(aggregator: Aggregator, clients: list[dict[str, Any]]) -> dict[str, float]:

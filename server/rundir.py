@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file, save_file
 
+from pollinate.config import ConfigError
 from pollinate.spec import Tensors
 
 
@@ -32,10 +34,52 @@ class Checkpoint:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+RUN_FILES = ("metrics.jsonl", "summary.json", "checkpoint", "checkpoint.old", "checkpoint.tmp", "adapter")
+
+
+def fresh_path(root: str | Path = "runs", tag: str = "") -> Path:
+    """``runs/<date>-<time>[-tag]``: a new directory per run, so no run overwrites another by default."""
+    stamp = time.strftime("%Y%m%d-%H%M%S") + (f"-{tag}" if tag else "")
+    path, n = Path(root) / stamp, 1
+    while path.exists():
+        n += 1
+        path = Path(root) / f"{stamp}-{n}"
+    return path
+
+
+def holds_run(path: str | Path) -> bool:
+    """Whether ``path`` holds (part of) an earlier run."""
+    return any((Path(path) / name).exists() for name in RUN_FILES)
+
+
+def check_reuse(path: str | Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to write into an earlier run's directory unless told to resume or overwrite it."""
+    if holds_run(path) and not (resume or overwrite):
+        raise ConfigError(f"out {path} holds an earlier run; pass --resume (resume=true) to continue it, "
+                          "--overwrite (overwrite=true) to replace it, or choose another --out")
+
+
 class RunDirectory:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".write-test"
+            probe.touch()
+            probe.unlink()
+        except OSError as err:
+            raise ConfigError(f"out {self.path}: cannot write there ({err.strerror})") from err
+
+    def clear(self) -> None:
+        """Remove an earlier run's files (``overwrite``); its log and other files stay."""
+        for name in RUN_FILES:
+            target = self.path / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+        for png in self.path.glob("*.png"):
+            png.unlink()
 
     @property
     def metrics_file(self) -> Path:

@@ -10,17 +10,23 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from pollinate.config import RunConfig
+from pollinate.server.app import ERROR_FILE, RunFailed
 
 
 def simulate(config: RunConfig, num_cpus: int | None = None, num_gpus: float = 0.0,
-             verbose: bool = False, faults: dict[int, str] | None = None) -> dict[str, Any]:
+             verbose: bool = False, faults: dict[int, str | Sequence[str]] | None = None,
+             num_supernodes: int | None = None) -> dict[str, Any]:
     """Run ``config`` with ``num-clients`` virtual SuperNodes; return the run's summary.
 
-    ``faults`` maps partition ids to a misbehaviour (see :mod:`.faults`).
+    ``faults`` maps partition ids to a misbehaviour, or one per round (see :mod:`.faults`).
+    ``num_supernodes`` starts that many SuperNodes instead, e.g. fewer than ``num-clients``
+    (the nodes that exist are what the server samples from and accounts for).
     """
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -40,12 +46,21 @@ def simulate(config: RunConfig, num_cpus: int | None = None, num_gpus: float = 0
         "init_args": {"num_cpus": num_cpus, "num_gpus": 1 if num_gpus else 0,
                       "include_dashboard": False},
     }
-    if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+    if not verbose:  # Flower's deprecation notice of run_simulation and per-actor chatter
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    started = time.time()
     run_simulation(server_app=make_app(config), client_app=client_app,
-                   num_supernodes=config.num_clients, backend_config=backend,
+                   num_supernodes=num_supernodes or config.num_clients, backend_config=backend,
                    verbose_logging=verbose)
-    summary = Path(config.out) / "summary.json"
-    if not summary.exists():
-        raise RuntimeError(f"the simulation ended without writing {summary}; see the log above")
-    return json.loads(summary.read_text())
+    out = Path(config.out)
+    if _written_since(out / ERROR_FILE, started):
+        raise RunFailed((out / ERROR_FILE).read_text().strip())
+    if not _written_since(out / "summary.json", started):
+        raise RunFailed(f"the simulation ended without writing {out / 'summary.json'}; run with --debug")
+    return json.loads((out / "summary.json").read_text())
+
+
+def _written_since(path: Path, started: float) -> bool:
+    """Whether this run wrote ``path`` (a file of an earlier run in the same directory is not news)."""
+    return path.exists() and path.stat().st_mtime >= started

@@ -430,7 +430,11 @@ def test_cli_prints_the_flower_commands(tmp_path):
     assert tomllib.loads((home / "config.toml").read_text())["superlink"]["lab"]["address"] == "10.0.0.5:8000"
     run = runner.invoke(app, ["deploy", "run", str(REPO), "--connection", "lab",
                               "--set", "num-server-rounds=3", "--dry-run"])
-    assert run.exit_code == 0 and f"flwr run {REPO} lab --run-config num-server-rounds=3" in run.output
+    assert run.exit_code == 2 and "needs test-data" in run.output  # a server must know its label count
+    run = runner.invoke(app, ["deploy", "run", str(REPO), "--connection", "lab",
+                              "--set", "num-server-rounds=3", "--set", "num-labels=4", "--dry-run"])
+    assert run.exit_code == 0, run.output
+    assert f"flwr run {REPO} lab --run-config 'num-server-rounds=3 num-labels=4'" in run.output
     typo = runner.invoke(app, ["deploy", "run", "--set", "num-server-round=3", "--dry-run"])
     assert typo.exit_code == 2 and "unknown option 'num-server-round'" in typo.output
     missing = runner.invoke(app, ["deploy", "supernode", "--superlink", "link:9092", "--certs", str(tmp_path),

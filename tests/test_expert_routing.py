@@ -238,9 +238,15 @@ def test_simulation_reports_expert_usage_and_personalize_serves_a_new_client(tmp
     assert (tmp_path / "run" / "adapter" / "expert-2" / "adapter_config.json").exists()
     newcomer = tmp_path / "new.csv"
     datalib.generated_classification(40, seed=5).to_csv(str(newcomer))
-    result = CliRunner().invoke(cli_app, ["personalize", "--run", config.out, "--data", str(newcomer)])
+    saved = tmp_path / "personal"
+    result = CliRunner().invoke(cli_app, ["personalize", "--run", config.out, "--data", str(newcomer),
+                                          "--save", str(saved)])
     assert result.exit_code == 0, result.output
     assert "top-1 downloaded expert" in result.output and "40 examples" in result.output
+    chosen = json.loads((saved / "routing.json").read_text())["experts"]
+    assert len(chosen) == 1  # client-experts=1: the one expert the gate chose, as a peft adapter
+    assert sorted(p.name for p in saved.glob("expert-*")) == [f"expert-{chosen[0]}"]
+    assert (saved / f"expert-{chosen[0]}" / "adapter_model.safetensors").exists()
     bad = CliRunner().invoke(cli_app, ["personalize", "--run", str(tmp_path / "nothing"), "--data",
                                        str(newcomer)])
     assert bad.exit_code == 2 and "holds no finished round" in bad.output

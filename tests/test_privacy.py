@@ -6,8 +6,10 @@ import math
 
 import pytest
 import torch
+from flwr.serverapp import ServerApp
 from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
 from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 from transformers import AutoModelForSequenceClassification
 
@@ -18,7 +20,8 @@ from pollinate.client.state import NodeMemory
 from pollinate.client.trainer import make_optimizer
 from pollinate.config import ConfigError, RunConfig
 from pollinate.modeling import AdapterModel, ModelSpec, build_model, canonical_name, default_model_path
-from pollinate.privacy import Budget, PrivacyError, check_private, clip, l2_norm
+from pollinate.privacy import INSECURE_NOISE_SEED, Budget, PrivacyError, check_private, clip, l2_norm
+from pollinate.server.app import run
 from pollinate.server.privacy import CentralDP, private_aggregator
 from pollinate.server.rundir import RunDirectory
 from pollinate.simulations.launch import simulate
@@ -185,9 +188,9 @@ def test_clipping_bounds_every_update_and_noise_has_the_configured_std():
     shape = (200, 400)
     updates = [{"w": torch.randn(shape, generator=gen) * s} for s in (1e-4, 1e-3, 1.0, 3.0)]
     central = CentralDP(resolve("fedit")(), template={"w": torch.zeros(shape)}, rank=8, alpha=16.0,
-                        clip_norm=c, noise_multiplier=sigma, budget=Budget(8.0, 1e-5),
-                        population=population, planned_rate=m / population,
+                        clip_norm=c, noise_multiplier=sigma, budget=Budget(8.0, 1e-5), rounds=1,
                         generator=torch.Generator().manual_seed(1))
+    assert central.plan(1, population, m)
     central.instructions(1, list(range(m)))
     central.begin(1, {"w": torch.zeros(shape)})
     for node, u in enumerate(updates):
@@ -213,13 +216,15 @@ def test_clipping_bounds_every_update_and_noise_has_the_configured_std():
 
 
 @pytest.mark.slow
-def test_sample_dp_federation_accounts_stops_exhausted_clients_and_learns(tmp_path):
+def test_sample_dp_federation_accounts_stops_exhausted_clients_and_learns(tmp_path, monkeypatch):
     """3 clients (Dirichlet sizes 400, 185, 400), 3 rounds of 4 DP-SGD steps at noise 0.7.
 
     The target epsilon lies between what the small client (sampling rate 1/3) spends in 2
     and in 3 rounds and above what the others spend in 3 (rate 1/7), so exactly the small
-    client refuses round 3 and the other two finish it.
+    client refuses round 3 and the other two finish it. The DP noise comes from the
+    test-only seeded source (not private), so the learning bar does not depend on OS entropy.
     """
+    monkeypatch.setenv(INSECURE_NOISE_SEED, "1")
     sigma, batch_size, steps = 0.7, 64, 4
     config = RunConfig(num_clients=3, num_server_rounds=3, max_train_examples=400, test_examples=200,
                        batch_size=batch_size, local_steps=steps, learning_rate=2e-2, dp="sample",
@@ -256,4 +261,80 @@ def test_sample_dp_federation_accounts_stops_exhausted_clients_and_learns(tmp_pa
     assert list(refused.values()) == [3]
     assert summary["exhausted_clients"] == list(refused)
     assert len(trained[next(iter(refused))]) == 2 and examples[next(iter(refused))] == small
-    assert summary["final"]["accuracy"] >= 0.25 + 0.15, summary["final"]
+    # final accuracy over noise seeds 1-5 (CPU, 2 cores, torch 2.13): 0.870, 0.885, 0.525, 0.765,
+    # 0.675; chance is 0.25. The bar sits under the minimum with margin.
+    assert summary["final"]["accuracy"] >= 0.45, summary["final"]
+
+
+class ServerKilled(RuntimeError):
+    """The server process died (emulated)."""
+
+
+class KilledGrid:
+    """Flower's grid, except that the server dies when round ``rounds + 1`` sends its messages."""
+
+    def __init__(self, inner, rounds: int):  # noqa: ANN001 - Flower's Grid
+        self.inner, self.rounds = inner, rounds
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self.inner, name)
+
+    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
+        self.rounds -= 1
+        if self.rounds < 0:
+            raise ServerKilled("server killed during the round")
+        return self.inner.send_and_receive(messages, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_client_level_epsilon_is_recomputed_exactly_for_the_nodes_that_exist_and_across_a_resume(
+        tmp_path, monkeypatch):
+    """Central DP with 3 nodes of num-clients=10, 2 sampled per round: q = 2/3, not 2/10.
+
+    Run 1 plans 3 rounds (sigma solved once, for 3 rounds at q = 2/3) and is killed in
+    round 2. Run 2 resumes it with num-server-rounds=4: rounds 2 and 3 run at the stored
+    sigma on the stored history, and round 4, which would exceed target-epsilon, is
+    refused before any node is sampled. Every reported epsilon equals opacus' RDP
+    accountant replayed from the logged events (population, sampled, sigma, one step).
+    """
+    import pollinate.server.app as server_app
+
+    target, delta = 8.0, 1e-5
+    config = RunConfig(num_clients=10, num_server_rounds=3, fraction_train=0.5, max_train_examples=40,
+                       test_examples=50, dp="client-central", target_epsilon=target, delta=delta,
+                       out=str(tmp_path), resume=False)
+
+    def killed_app(cfg: RunConfig) -> ServerApp:
+        app = ServerApp()
+
+        @app.main()
+        def main(grid, context) -> None:  # noqa: ANN001
+            run(cfg, KilledGrid(grid, rounds=1), context.run_id)
+
+        return app
+
+    monkeypatch.setattr(server_app, "make_app", killed_app)
+    with pytest.raises(ServerKilled):
+        simulate(config, num_supernodes=3)
+    monkeypatch.undo()
+    assert RunDirectory(config.out).load_checkpoint().round == 1
+    summary = simulate(config.replace(num_server_rounds=4, resume=True), num_supernodes=3)
+
+    records = RunDirectory(config.out).read_metrics()[1:]
+    assert [r["round"] for r in records] == [1, 2, 3, 4]
+    sigma = get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=2 / 3, steps=3,
+                                 accountant="rdp")
+    events: list[tuple[float, float, int]] = []
+    for record in records[:3]:
+        logged = record["aggregator"]
+        assert (logged["population"], logged["sampled"], record["clients"]) == (3, 2, 2)
+        assert logged["noise_multiplier"] == sigma  # solved once, kept by the resumed run
+        events.append((logged["noise_multiplier"], logged["sampled"] / logged["population"], 1))
+        accountant = RDPAccountant()
+        accountant.history = list(events)
+        assert record["epsilon"] == pytest.approx(accountant.get_epsilon(delta), rel=1e-9)
+    refused = records[3]
+    assert refused["clients"] == 0 and refused["client_metrics"] == []
+    assert "would exceed target-epsilon" in refused["aggregator"]["refused"]
+    assert refused["epsilon"] == records[2]["epsilon"] <= target
+    assert summary["final"]["epsilon"] == records[2]["epsilon"]
