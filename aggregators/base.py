@@ -10,7 +10,8 @@ Like ``torch.optim``, the interface is small so that many methods fit it:
   registry name) loads the global state into a model, prepares local training
   (freezing, selection) and computes the update the client sends.
 
-Both halves of a method live in one module. Nothing here imports Flower, the server
+Both halves of a method live in one module (a method that needs several: one package,
+such as ``expert_routing/``). Nothing here imports Flower, the server
 or the client: aggregators are tensor math over named tensors.
 """
 
@@ -23,6 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from pollinate.aggregators.options import MethodOptions, describe, parse_options
 from pollinate.config import ConfigError, RunConfig
 from pollinate.data import Encoded
 from pollinate.modeling import AdapterModel, ModelSpec, build_model
@@ -108,12 +110,37 @@ class Aggregator:
     """Whether the method learns through top-k codecs: true for methods that send changes
     (error feedback re-sends what top-k drops); false for methods that send whole fresh
     factors each round, which keeping 10% of the entries destroys (docs/aggregators.md)."""
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+    """The method's options as a dataclass (:mod:`.options`); ``self.config`` holds them parsed.
+    A method that declares none (a custom one taking ``**options``) keeps its raw options
+    in ``self.options`` and only ``seed`` is parsed."""
 
     def __init__(self, **options: Any):
         self.options = options
+        self.config = self.parse_options(options)
         self._sums: Tensors = {}
         self._weights: dict[str, float] = {}
         self.round = 0
+
+    @classmethod
+    def declares_options(cls) -> bool:
+        """Whether the method (or a method it extends) declares its own :attr:`Options`."""
+        return any("Options" in vars(klass) for klass in cls.__mro__ if klass is not Aggregator)
+
+    @classmethod
+    def parse_options(cls, options: Mapping[str, Any]) -> MethodOptions:
+        """``aggregator-options`` as :attr:`Options`, or a :class:`ConfigError` naming the method,
+        the option and what is allowed (an unknown name: the closest known ones)."""
+        return parse_options(cls.Options, options, cls.name or cls.__name__, strict=cls.declares_options())
+
+    @classmethod
+    def option_rows(cls) -> list[tuple[str, str, str, str]]:
+        """``(option, type, default, help)`` of each option, for ``pollinate aggregators``."""
+        rows = describe(cls.Options)
+        if not cls.declares_options():
+            rows.append(("(any)", "", "", "free-form: no Options dataclass, the method reads its raw "
+                                          "options"))
+        return rows
 
     @classmethod
     def settle_config(cls, config: RunConfig, note: Callable[[str], Any]) -> RunConfig:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from pollinate.aggregators.base import Aggregator, ClientPart
 from pollinate.aggregators.lora_math import check_same_rank
+from pollinate.aggregators.options import MethodOptions
 from pollinate.modeling import AdapterModel
 from pollinate.spec import Tensors
 
@@ -31,4 +32,5 @@ class FedIT(Aggregator):
     """Example-weighted averaging of every adapter tensor; needs one rank for all clients."""
 
     name = "fedit"
+    Options = MethodOptions  # seed only
     client_part = FedITClient

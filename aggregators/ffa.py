@@ -30,6 +30,7 @@ from pollinate.aggregators.lora_math import (
     head_shapes,
     split_factor,
 )
+from pollinate.aggregators.options import MethodOptions
 from pollinate.data import Encoded
 from pollinate.modeling import AdapterModel
 from pollinate.spec import AdapterSpec, Tensors
@@ -61,6 +62,7 @@ class FFA(Aggregator):
     """Example-weighted mean of B and head deltas; A is frozen and shared."""
 
     name = "ffa"
+    Options = MethodOptions  # seed only
     client_part = FFAClient
 
     def uplink_spec(self, model: AdapterModel) -> AdapterSpec:

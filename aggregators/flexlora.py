@@ -33,7 +33,6 @@ from collections.abc import Sequence
 import torch
 
 from pollinate.aggregators.base import Aggregator, ClientPart, ClientUpdate
-from pollinate.aggregators.flora import lora_seed
 from pollinate.aggregators.lora_math import (
     DENSE_SUFFIX,
     a_name,
@@ -46,9 +45,11 @@ from pollinate.aggregators.lora_math import (
     full_factor_update,
     head_shapes,
     head_state,
+    lora_seed,
     reinit_lora,
     svd_truncate,
 )
+from pollinate.aggregators.options import MethodOptions
 from pollinate.modeling import AdapterModel
 from pollinate.spec import AdapterSpec, Tensors
 
@@ -91,6 +92,7 @@ class FlexLoRA(Aggregator):
     """Example-weighted mean of full-size LoRA products; clients truncate it to their rank."""
 
     name = "flexlora"
+    Options = MethodOptions  # seed only
     sparse_wire = False
     client_part = FlexLoRAClient
 

@@ -45,23 +45,19 @@ from pollinate.aggregators.lora_math import (
     dense_initial_state,
     dense_name,
     dense_shapes,
-    derive_seed,
     factor_pairs,
     full_factor_update,
     head_shapes,
     head_state,
+    lora_seed,
     reinit_lora,
 )
+from pollinate.aggregators.options import MethodOptions
 from pollinate.modeling import AdapterModel
 from pollinate.spec import AdapterSpec, Tensors, TensorSpec
 
 #: relative Frobenius tolerance for "the delta to pack is the latest round's product".
 STACK_TOLERANCE = 1e-3
-
-
-def lora_seed(options: dict, rnd: int, node_id: int, method: str = "flora") -> int:
-    """Seed of a client's fresh LoRA factors in a round (instruction ``lora_seed``)."""
-    return derive_seed(method, options.get("seed", 0), rnd, node_id)
 
 
 def unstack(wire: Tensors) -> Tensors:
@@ -107,6 +103,7 @@ class FLoRA(Aggregator):
     """Stacking aggregation: exact sum of the clients' scaled, example-weighted LoRA products."""
 
     name = "flora"
+    Options = MethodOptions  # seed only
     sparse_wire = False
     client_part = FLoRAClient
 

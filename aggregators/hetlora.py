@@ -32,6 +32,7 @@ the FLoRA paper runs FedIT with heterogeneous ranks.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -49,7 +50,7 @@ from pollinate.aggregators.lora_math import (
     product_change_norm,
     truncate_rank,
 )
-from pollinate.config import ConfigError
+from pollinate.aggregators.options import MethodOptions
 from pollinate.modeling import AdapterModel
 from pollinate.spec import AdapterSpec, Tensors
 
@@ -82,18 +83,25 @@ class HetLoRAClient(ClientPart):
         model.load_adapter_state(tensors)
 
 
+@dataclass(frozen=True)
+class HetLoRAOptions(MethodOptions):
+    """HetLoRA's ``aggregator-options``."""
+
+    weighting: str = field(default="norm", metadata={
+        "help": "per-client weight of each layer: norm = the update's Frobenius norm, "
+                "examples = example counts only", "choices": WEIGHTINGS})
+
+
 class HetLoRA(Aggregator):
     """Zero-padding, norm-weighted aggregation of heterogeneous-rank LoRA changes."""
 
     name = "hetlora"
+    Options = HetLoRAOptions
+    config: HetLoRAOptions
     client_part = HetLoRAClient
 
     def __init__(self, **options: Any):
         super().__init__(**options)
-        self.weighting = str(options.get("weighting", "norm"))
-        if self.weighting not in WEIGHTINGS:
-            raise ConfigError(f"aggregator-options: hetlora weighting must be one of {WEIGHTINGS}, "
-                              f"got {self.weighting!r}")
         self.global_scaling: float | None = None
         self._by_examples: Tensors = {}
         self._example_weights: dict[str, float] = {}
@@ -138,7 +146,7 @@ class HetLoRA(Aggregator):
             d_b = f["B"].to(torch.float32) * to_global if "B" in f else torch.zeros_like(b0)
             # s_k ||B_k' A_k' - B_k A_k|| computed in global units: s_g = s_k / to_global
             norm = ((scaling / to_global) * product_change_norm(b0, a0, b0 + d_b, a0 + d_a)
-                    if self.weighting == "norm" else 1.0)
+                    if self.config.weighting == "norm" else 1.0)
             for kind, change in (("A", d_a), ("B", d_b)):
                 if kind in f:
                     name = a_name(layer) if kind == "A" else b_name(layer)

@@ -235,6 +235,11 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest, "big") >> 2
 
 
+def lora_seed(options: Mapping[str, object], rnd: int, node_id: int, method: str = "flora") -> int:
+    """Seed of a client's fresh LoRA factors in a round (instruction ``lora_seed``)."""
+    return derive_seed(method, options.get("seed", 0), rnd, node_id)
+
+
 def reinit_lora(model: AdapterModel, seed: int, layers: Iterable[str] | None = None) -> None:
     """Fresh LoRA factors for ``layers`` (all by default) with peft's own initialiser.
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Sequence
 from importlib.metadata import entry_points
 
 from pollinate.aggregators.base import Aggregator
@@ -34,6 +35,11 @@ def available() -> list[str]:
     names = [n for n, path in BUILTINS.items() if _module_exists(path.split(":")[0])]
     names += [ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)]
     return sorted(set(names))
+
+
+def methods(paths: Sequence[str] = ()) -> dict[str, type[Aggregator]]:
+    """Every available method by name, plus the ``module:Class`` ``paths`` (``pollinate aggregators``)."""
+    return {name: resolve(name) for name in [*available(), *paths]}
 
 
 def resolve(name: str) -> type[Aggregator]:

@@ -26,25 +26,25 @@ bytes_down are per round, summed over clients, averaged over the rounds.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
 from pollinate.config import RunConfig
-from pollinate.simulations import report
 from pollinate.simulations.centralised import train_centralised
 from pollinate.simulations.launch import simulate
 
+if __package__ in (None, ""):  # run as a file: import ``benchmarks`` from the repository
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import harness  # noqa: E402
+
 NAME = "aggregators"
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PROFILE = "64,32,16,16,8,8,4,4,4,4"
 SYSTEMS = ("fedit", "ffa", "flora", "hetlora", "flexlora", "centralised")
 COLUMNS = ("dataset", "aggregator", "ranks", "accuracy", "accuracy_last3", "vs_fedit", "vs_centralised",
            "bytes_up", "bytes_down", "dropped", "minutes")
-console = Console(width=150)
 
 
 def system_options(system: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -59,8 +59,9 @@ def system_options(system: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def base_config(args: argparse.Namespace, dataset: str, system: str) -> RunConfig:
     return RunConfig.from_mapping({
-        "train-data": str(DATA / dataset / "train.csv"), "test-data": str(DATA / dataset / "test.csv"),
-        **report.scenario_options(args), "partition": "dirichlet", "dirichlet-alpha": 0.5,
+        "train-data": str(harness.DATA / dataset / "train.csv"),
+        "test-data": str(harness.DATA / dataset / "test.csv"),
+        **harness.scenario_options(args), "partition": "dirichlet", "dirichlet-alpha": 0.5,
         "codec": args.codec, "downlink-codec": args.codec,
         "out": str(Path(args.runs) / f"{dataset}-{system}"), "overwrite": True,
         **({} if system == "centralised" else system_options(system, args))}, allow_extra=False)
@@ -99,7 +100,7 @@ def simulate_retrying_oom(config: RunConfig, retries: int, cpus: int) -> list[di
         rounds = simulate(config, num_cpus=cpus or None)["rounds"]
         if not any("OutOfMemoryError" in d["reason"] for r in rounds for d in r.get("dropped", [])):
             break
-        console.print(f"[yellow]a client was killed for memory (attempt {attempt + 1})[/]")
+        harness.console.print(f"[yellow]a client was killed for memory (attempt {attempt + 1})[/]")
     return rounds
 
 
@@ -140,7 +141,28 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
         bottom.set_ylabel("MiB per round (all clients, log)")
         bottom.legend()
     fig.suptitle(f"aggregators under heterogeneous LoRA ranks ({PROFILE})")
-    return report.save_figure(fig, path)
+    return harness.save_figure(fig, path)
+
+
+def notes(args: argparse.Namespace, png: Path) -> str:
+    """The docs section's text under the table."""
+    return (f"{args.clients} clients, Dirichlet 0.5, {args.rounds} rounds, client ranks "
+            f"{args.profile}, {args.max_train_examples} train examples per client, "
+            f"{args.test_examples} test examples, one seed ({args.seed}), batch {args.batch_size}, lr "
+            f"{args.learning_rate}, codec {args.codec} "
+            "up and down for every federated run. `fedit` = FedIT with zero-padded factors "
+            "and example weights (the FLoRA paper's heterogeneous baseline; `hetlora` with "
+            f"`weighting=examples`); `ffa` runs every client at rank {args.ffa_rank} (FFA "
+            "cannot mix ranks); `centralised` = one rank-"
+            f"{args.central_rank} LoRA on the pooled client data for "
+            f"{args.rounds * args.local_epochs} epochs ({args.local_epochs} local epoch(s) per "
+            "round). accuracy = final round, accuracy_last3 = mean of the last three rounds "
+            "(epochs), less noisy than one evaluation; vs_fedit / vs_centralised = accuracy "
+            "difference in points; "
+            "bytes per round summed over clients, mean over rounds; dropped = client updates "
+            "not aggregated over the run (by kind in the JSON's drop_reasons, each one in the "
+            "run's metrics.jsonl). "
+            f"Plot: `benchmarks/results/{png.name}`. See docs/aggregators.md.")
 
 
 def main() -> None:
@@ -154,47 +176,20 @@ def main() -> None:
     parser.add_argument("--retries", type=int, default=2, help="reruns of a run that lost a client to OOM")
     parser.add_argument("--cpus", type=int, default=0,
                         help="Ray CPUs, i.e. clients training at once (0 = all cores; 1 halves memory)")
-    report.federation_arguments(parser, runs="runs/bench/aggregators")
-    args = parser.parse_args()
-    if not (DATA / "ag_news" / "train.csv").exists():
-        raise SystemExit(f"datasets not found under {DATA}")
+    harness.federation_arguments(parser, runs="runs/bench/aggregators")
+    args = harness.parse_arguments(parser)
     unknown = set(args.systems.split(",")) - set(SYSTEMS)
     if unknown:
         raise SystemExit(f"unknown systems {sorted(unknown)}; known: {', '.join(SYSTEMS)}")
     runs = [(d, s) for d in args.datasets.split(",") for s in args.systems.split(",")]
-    rows = []
-    for i, (dataset, system) in enumerate(runs, 1):
-        console.rule(f"[bold]run {i}/{len(runs)}: {dataset}, {system}")
-        rows.append(run_one(args, dataset, system))
-        console.print(f"[green]{dataset} {system}[/]: accuracy {rows[-1]['accuracy']:.4f}, "
-                      f"{rows[-1]['minutes']:.1f} min")
+    rows = harness.run_each(runs, lambda run: f"{run[0]}, {run[1]}", lambda run: run_one(args, *run),
+                            lambda row: f"accuracy {row['accuracy']:.4f}, {row['minutes']:.1f} min")
     compare(rows)
-    console.print(report.rich_table(rows, COLUMNS, title="aggregators under heterogeneous ranks",
-                             left=("dataset", "aggregator", "ranks")))
-    if args.no_publish:
-        return
-    png = plot(rows, report.RESULTS / f"{NAME}.png")
-    report.publish(NAME, [{k: v for k, v in r.items() if k != "curve"} for r in rows],
-            title="Aggregators under heterogeneous LoRA ranks (FedIT, FFA, FLoRA, HetLoRA, FlexLoRA)",
-            columns=COLUMNS,
-            notes=(f"{args.clients} clients, Dirichlet 0.5, {args.rounds} rounds, client ranks "
-                   f"{args.profile}, {args.max_train_examples} train examples per client, "
-                   f"{args.test_examples} test examples, one seed ({args.seed}), batch {args.batch_size}, lr "
-                   f"{args.learning_rate}, codec {args.codec} "
-                   "up and down for every federated run. `fedit` = FedIT with zero-padded factors "
-                   "and example weights (the FLoRA paper's heterogeneous baseline; `hetlora` with "
-                   f"`weighting=examples`); `ffa` runs every client at rank {args.ffa_rank} (FFA "
-                   "cannot mix ranks); `centralised` = one rank-"
-                   f"{args.central_rank} LoRA on the pooled client data for "
-                   f"{args.rounds * args.local_epochs} epochs ({args.local_epochs} local epoch(s) per "
-                   "round). accuracy = final round, accuracy_last3 = mean of the last three rounds "
-                   "(epochs), less noisy than one evaluation; vs_fedit / vs_centralised = accuracy "
-                   "difference in points; "
-                   "bytes per round summed over clients, mean over rounds; dropped = client updates "
-                   "not aggregated over the run (by kind in the JSON's drop_reasons, each one in the "
-                   "run's metrics.jsonl). "
-                   f"Plot: `benchmarks/results/{png.name}`. See docs/aggregators.md."),
-            extra={"curves": {f"{r['dataset']}/{r['aggregator']}": r["curve"] for r in rows}})
+    harness.finish(args, NAME, rows,
+                   title="Aggregators under heterogeneous LoRA ranks (FedIT, FFA, FLoRA, HetLoRA, FlexLoRA)",
+                   columns=COLUMNS, table_title="aggregators under heterogeneous ranks",
+                   left=("dataset", "aggregator", "ranks"), plot=plot, notes=lambda png: notes(args, png),
+                   extra={"curves": {f"{r['dataset']}/{r['aggregator']}": r["curve"] for r in rows}})
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ difference of its two newest checkpointed versions, exact because it is fp32 bot
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -37,18 +36,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
 from pollinate.codec import ENCODINGS, CodecSpec, Delta, DeltaHeader, decode, encode
 from pollinate.config import RunConfig
 from pollinate.deltas import diff
 from pollinate.server.rundir import RunDirectory
-from pollinate.simulations import report
-from pollinate.simulations.launch import simulate
 from pollinate.spec import AdapterSpec, Tensors
 
+if __package__ in (None, ""):  # run as a file: import ``benchmarks`` from the repository
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import harness  # noqa: E402
+
 NAME = "codec"
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BASELINE = "fp32"
 # the order they run in: the settings the targets hinge on first
 SETTINGS = ("fp32", "topk-ternary@0.1", "topk-ternary@0.05", "int8", "topk-int8@0.1",
@@ -56,7 +54,6 @@ SETTINGS = ("fp32", "topk-ternary@0.1", "topk-ternary@0.05", "int8", "topk-int8@
 COLUMNS = ("setting", "encoding", "density", "downlink", "accuracy", "vs_fp32", "bytes_up", "bytes_down",
            "ratio_up", "ratio_down", "encode_ms", "decode_ms", "target_up", "dropped", "minutes")
 TARGETS = ((50.0, 1.0), (20.0, 0.5))  # (uplink ratio, largest accuracy loss in points)
-console = Console(width=None if sys.stdout.isatty() else 200)
 
 
 @dataclass(frozen=True)
@@ -98,8 +95,9 @@ def standard_error(rows: list[dict[str, Any]], args: argparse.Namespace) -> floa
 
 def run_config(args: argparse.Namespace, uplink: Setting, downlink: Setting) -> RunConfig:
     return RunConfig.from_mapping({
-        "train-data": str(DATA / "ag_news" / "train.csv"), "test-data": str(DATA / "ag_news" / "test.csv"),
-        **report.scenario_options(args), "partition": "dirichlet", "dirichlet-alpha": 0.5,
+        "train-data": str(harness.DATA / "ag_news" / "train.csv"),
+        "test-data": str(harness.DATA / "ag_news" / "test.csv"),
+        **harness.scenario_options(args), "partition": "dirichlet", "dirichlet-alpha": 0.5,
         "lora-rank": 8, "aggregator": "fedit",
         "codec": uplink.encoding, "density": uplink.density,
         "downlink-codec": downlink.encoding, "downlink-density": downlink.density,
@@ -124,21 +122,10 @@ def per_client(rounds: list[dict[str, Any]], key: str) -> int:
     return round(sum(r[key] / max(r["clients"], 1) for r in trained) / len(trained))
 
 
-def finished(config: RunConfig) -> dict[str, Any] | None:
-    """The summary of a finished run of exactly ``config`` in its out directory, if there is one."""
-    path = Path(config.out) / "summary.json"
-    summary = json.loads(path.read_text()) if path.exists() else {}
-    done = len(summary.get("rounds", [])) == config.num_server_rounds + 1
-    return summary if done and summary["config"] == json.loads(config.to_json()) else None
-
-
 def run_one(args: argparse.Namespace, uplink: Setting, downlink: Setting,
             default_down: Setting) -> dict[str, Any]:
     config = run_config(args, uplink, downlink)
-    summary = finished(config) if args.reuse else None
-    if summary is not None:
-        console.print(f"reusing the finished run in {config.out}")
-    rounds = (summary or simulate(config))["rounds"]
+    rounds = harness.simulate_cached(config, args.reuse)["rounds"]
     label = uplink.label if downlink == default_down or uplink.label == BASELINE else \
         f"{uplink.label}/{downlink.label}"
     return {"setting": label, "encoding": uplink.encoding, "density": uplink.density,
@@ -215,7 +202,31 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     right.set_title("accuracy per round")
     right.legend(fontsize=8)
     fig.suptitle("AG News, 10 clients, Dirichlet 0.5, FedIT LoRA r=8: wire formats")
-    return report.save_figure(fig, path)
+    return harness.save_figure(fig, path)
+
+
+def notes(args: argparse.Namespace, rows: list[dict[str, Any]], downlink: Setting, png: Path) -> str:
+    """The docs section's text under the table."""
+    return (f"AG News, {args.clients} clients, Dirichlet 0.5, {args.rounds} rounds, "
+            f"{args.max_train_examples} train examples per client, {args.test_examples} test "
+            f"examples, FedIT, LoRA r=8 on query/value + head, {args.local_epochs} local "
+            f"epoch(s), batch "
+            f"{args.batch_size}, lr {args.learning_rate}, seed {args.seed}. "
+            f"`fp32` = dense fp32 up and down (the FlowerTune-style baseline); every other row "
+            f"uses downlink {downlink.label} unless its setting says `UP/DOWN`; error feedback "
+            "on both sides. accuracy = final "
+            f"round; vs_fp32 = accuracy difference in points (one seed: {args.test_examples} test "
+            f"examples give one accuracy a standard error of {standard_error(rows, args):.1f} "
+            "points). bytes = per client per round, mean over "
+            "rounds 1..R (round 1's downlink is a near-empty seeded difference for every row). "
+            "ratio = fp32 bytes / row bytes, same invocation. encode_ms / decode_ms = median of "
+            f"{args.repeats} encode / decode calls on the fp32 run's last global increment "
+            "(a real trained delta, the same tensors a client sends), on a shared CPU. "
+            f"target_up: the strongest uplink target met (>= 50x at <= 1 point loss, "
+            f">= 20x at <= 0.5 point). dropped = client updates lost over the run (e.g. an "
+            "actor killed by Ray's memory monitor on the shared machine); bytes divide by the "
+            "clients that trained. minutes = the federation's summed round times. "
+            f"Plot: `benchmarks/results/{png.name}`.")
 
 
 def main() -> None:
@@ -227,10 +238,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=21, help="encode/decode timings per setting")
     parser.add_argument("--reuse", action="store_true",
                         help="take a setting's finished run of the same config from its out directory")
-    report.federation_arguments(parser, runs="runs/bench/codec")
-    args = parser.parse_args()
-    if not (DATA / "ag_news" / "train.csv").exists():
-        raise SystemExit(f"AG News not found under {DATA}")
+    harness.federation_arguments(parser, runs="runs/bench/codec")
+    args = harness.parse_arguments(parser)
     # Ray kills its workers once the *machine* passes 95% memory; on a shared machine other
     # processes' memory would cost this run client updates (each shows in ``dropped``)
     os.environ.setdefault("RAY_memory_usage_threshold", "0.98")
@@ -238,42 +247,16 @@ def main() -> None:
     baseline = Setting.parse(BASELINE)
     runs = [(baseline, baseline)] + [run for run in (parse_run(s, downlink) for s in args.settings.split(",")
                                                       if s.strip()) if run[0] != baseline]
-    rows = []
-    for i, (setting, down) in enumerate(runs, 1):
-        console.rule(f"[bold]run {i}/{len(runs)}: up {setting.label}, down {down.label}")
-        rows.append(run_one(args, setting, down, downlink))
-        console.print(f"[green]{setting.label}[/]: accuracy {rows[-1]['accuracy']:.4f}, "
-                      f"up {rows[-1]['bytes_up']:,} B, down {rows[-1]['bytes_down']:,} B, "
-                      f"{rows[-1]['minutes']:.1f} min")
+    rows = harness.run_each(runs, lambda run: f"up {run[0].label}, down {run[1].label}",
+                            lambda run: run_one(args, *run, downlink),
+                            lambda row: f"accuracy {row['accuracy']:.4f}, up {row['bytes_up']:,} B, "
+                                        f"down {row['bytes_down']:,} B, {row['minutes']:.1f} min")
     compare(rows, last_increment(run_config(args, baseline, baseline).out), args.repeats)
-    console.print(report.rich_table(rows, COLUMNS, title="wire formats (bytes per client per round)",
-                             left=("setting", "encoding", "downlink", "target_up")))
-    if args.no_publish:
-        return
-    png = plot(rows, report.RESULTS / f"{NAME}.png")
-    report.publish(NAME, [{k: v for k, v in r.items() if k != "curve"} for r in rows],
-            title="Wire formats: accuracy, bytes and codec time per encoding", columns=COLUMNS,
-            notes=(f"AG News, {args.clients} clients, Dirichlet 0.5, {args.rounds} rounds, "
-                   f"{args.max_train_examples} train examples per client, {args.test_examples} test "
-                   f"examples, FedIT, LoRA r=8 on query/value + head, {args.local_epochs} local "
-                   f"epoch(s), batch "
-                   f"{args.batch_size}, lr {args.learning_rate}, seed {args.seed}. "
-                   f"`fp32` = dense fp32 up and down (the FlowerTune-style baseline); every other row "
-                   f"uses downlink {downlink.label} unless its setting says `UP/DOWN`; error feedback "
-                   "on both sides. accuracy = final "
-                   f"round; vs_fp32 = accuracy difference in points (one seed: {args.test_examples} test "
-                   f"examples give one accuracy a standard error of {standard_error(rows, args):.1f} "
-                   "points). bytes = per client per round, mean over "
-                   "rounds 1..R (round 1's downlink is a near-empty seeded difference for every row). "
-                   "ratio = fp32 bytes / row bytes, same invocation. encode_ms / decode_ms = median of "
-                   f"{args.repeats} encode / decode calls on the fp32 run's last global increment "
-                   "(a real trained delta, the same tensors a client sends), on a shared CPU. "
-                   f"target_up: the strongest uplink target met (>= 50x at <= 1 point loss, "
-                   f">= 20x at <= 0.5 point). dropped = client updates lost over the run (e.g. an "
-                   "actor killed by Ray's memory monitor on the shared machine); bytes divide by the "
-                   "clients that trained. minutes = the federation's summed round times. "
-                   f"Plot: `benchmarks/results/{png.name}`."),
-            extra={"curves": {r["setting"]: r["curve"] for r in rows}})
+    harness.finish(args, NAME, rows, title="Wire formats: accuracy, bytes and codec time per encoding",
+                   columns=COLUMNS, table_title="wire formats (bytes per client per round)",
+                   left=("setting", "encoding", "downlink", "target_up"), plot=plot,
+                   notes=lambda png: notes(args, rows, downlink, png),
+                   extra={"curves": {r["setting"]: r["curve"] for r in rows}})
 
 
 if __name__ == "__main__":

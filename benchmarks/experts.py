@@ -34,37 +34,38 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from datasets import Dataset, concatenate_datasets
-from rich.console import Console
 from rich.progress import track
 
 from pollinate import data as datalib
 from pollinate.aggregators import ClientPart
-from pollinate.aggregators.expert_routing import ExpertRouting
+from pollinate.aggregators.expert_routing import ExpertConfig, ExpertRouting, download_size, personalize
 from pollinate.client.trainer import train
 from pollinate.codec import Delta, DeltaHeader, encode
 from pollinate.config import RunConfig
 from pollinate.evaluation import evaluate
-from pollinate.experts import ExpertConfig
 from pollinate.modeling import AdapterModel, ModelSpec, build_model
-from pollinate.personalize import download_size, personalize
 from pollinate.protocol import uplink_codec
 from pollinate.server.rundir import RunDirectory
 from pollinate.simulations.launch import simulate
-from pollinate.simulations.report import RESULTS, publish, rich_table
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+if __package__ in (None, ""):  # run as a file: import ``benchmarks`` from the repository
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import harness  # noqa: E402
+
+ROOT = harness.ROOT
+SHARED = harness.DATA
 DATASETS = {"banking77": {"classes": 20, "per_client": 3, "experts": 8},
             "ag_news": {"classes": 4, "per_client": 2, "experts": 4}}
 PARTITIONS, HELD_OUT = 20, (2, 7, 12, 17)
 PUBLIC = 500  # unlabelled texts set aside (reported; used only by start=kmeans)
-console = Console(width=200)
+console = harness.console
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ def fedavg_config(base: RunConfig, num_labels: int, target_bytes: float) -> RunC
     0 from version 0): the density whose encoded update has ``target_bytes`` bytes.
     """
     config = base.replace(aggregator="fedit", lora_rank=2 * base.lora_rank, out=base.out + "-fedavg")
-    model = build_model(_spec(config, num_labels))
+    model = build_model(ModelSpec.from_config(config, num_labels))
     data = encoded(datalib.client_table(config, datalib.train_table(config), 0, config.num_clients), model,
                    config)
     start = model.adapter_state()
@@ -163,11 +164,6 @@ def fedavg_config(base: RunConfig, num_labels: int, target_bytes: float) -> RunC
         middle = math.sqrt(low * high)
         low, high = (middle, high) if size(middle) < target_bytes else (low, middle)
     return config.replace(density=round(math.sqrt(low * high), 5))
-
-
-def _spec(config: RunConfig, num_labels: int) -> ModelSpec:
-    return ModelSpec(name=config.model, task=config.task, num_labels=num_labels, rank=config.lora_rank,
-                     alpha=config.lora_alpha, seed=config.seed)
 
 
 def final_state(config: RunConfig) -> dict[str, torch.Tensor]:
@@ -211,10 +207,10 @@ def run_dataset(name: str, setup: Setup, work: Path, method: Method, seed: int) 
     summaries["fedavg"] = _simulate(name, fedavg_cfg)
     test = datalib.test_table(base.replace(test_examples=0))
     clients = participants(base, test, setup.participant_cap)
-    mixture = ExpertRouting.build_model(_spec(experts_cfg, num_labels), "cpu")
+    mixture = ExpertRouting.build_model(ModelSpec.from_config(experts_cfg, num_labels), "cpu")
     mixture.configure(ExpertConfig.from_options(experts_cfg.aggregator_option_map))
     state = final_state(experts_cfg)
-    plain = build_model(_spec(fedavg_cfg, num_labels))
+    plain = build_model(ModelSpec.from_config(fedavg_cfg, num_labels))
     plain.load_adapter_state(final_state(fedavg_cfg))
     held = [personalize(mixture, state, encoded(t, mixture, base))
             for t in track(split.held_out, description=f"{name}: held-out clients")]
@@ -285,7 +281,7 @@ def _bytes_up(summary: dict) -> int:
     return int(sum(r["bytes_up"] for r in summary["rounds"]))
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -311,6 +307,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return path
 
 
 def main() -> None:
@@ -327,10 +324,9 @@ def main() -> None:
     parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated")
     parser.add_argument("--seeds", type=int, default=3, help="independent repetitions per dataset (>= 1)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-experts")
-    parser.add_argument("--no-publish", action="store_true", help="print the table, write nothing")
-    args = parser.parse_args()
-    if not (SHARED / "ag_news" / "train.csv").exists():
-        raise SystemExit(f"datasets not found under {SHARED}")
+    harness.publishing_arguments(parser)
+    args = harness.parse_arguments(parser)
+    args.no_publish = args.no_publish or args.smoke  # a smoke run is never published
     setup = SMOKE if args.smoke else FULL
     if args.rounds:
         setup = replace(setup, rounds=args.rounds)
@@ -344,15 +340,16 @@ def main() -> None:
         rows += over_seeds([run_dataset(name, setup, args.work, method, seed) for seed in range(args.seeds)])
     columns = ("dataset", "system", "heldout_accuracy", "heldout_top1_accuracy", "participant_accuracy",
                "server_accuracy", "bytes_up", "jit_bytes_down", "rounds")
-    console.print(rich_table(rows, columns, left=("dataset", "system"),
-                             title="Zero-shot accuracy of held-out clients: expert routing vs FedAvg-LoRA"))
-    if args.smoke or args.no_publish:
-        return
+    harness.finish(args, "experts", rows, title="Expert routing: zero-shot accuracy of held-out clients",
+                   columns=columns, left=("dataset", "system"),
+                   table_title="Zero-shot accuracy of held-out clients: expert routing vs FedAvg-LoRA",
+                   plot=plot, notes=lambda png: notes(args, setup, rows, png), private=())
+
+
+def notes(args: argparse.Namespace, setup: Setup, rows: list[dict], png: Path) -> str:
+    """The docs section's text under the table."""
     gaps = {name: _gap(rows, name) for name in dict.fromkeys(r["dataset"] for r in rows)}
-    png = RESULTS / "experts.png"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(rows, png)
-    notes = (
+    return (
         f"20 label-skewed clients (partition=classes), 4 held out entirely; 16 train for {setup.rounds} "
         f"rounds, {setup.examples} examples each (2 local epochs, lr 0.01); {args.seeds} independent "
         f"repetition(s) (split, partitions, initialisation: seeds 0-{args.seeds - 1}), accuracies are means "
@@ -368,9 +365,7 @@ def main() -> None:
         f"top-{args.top_k} routing among them, as it was trained; heldout_top1_accuracy: each example by "
         f"its highest-scoring downloaded expert alone); participant_accuracy: the same on test "
         f"examples of each participant's classes. Held-out gain of expert routing over fedavg (points): "
-        + ", ".join(f"{k} {v}" for k, v in gaps.items()) + f". Plot: `{png.relative_to(ROOT)}`.")
-    publish("experts", rows, title="Expert routing: zero-shot accuracy of held-out clients", columns=columns,
-            notes=notes)
+        + ", ".join(f"{k} {v}" for k, v in gaps.items()) + f". Plot: `benchmarks/results/{png.name}`.")
 
 
 def _gap(rows: list[dict], name: str) -> str:

@@ -49,20 +49,17 @@ if __package__ in (None, ""):  # run as a file: import ``benchmarks`` from the r
 import psutil  # noqa: E402
 from datasets import concatenate_datasets  # noqa: E402
 from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
 
 from benchmarks import flower_baseline  # noqa: E402
+from benchmarks.harness import DATA, RESULTS, markdown_table, publish, rich_table  # noqa: E402
 from pollinate import data as datalib  # noqa: E402
-from pollinate.client.session import model_spec  # noqa: E402
 from pollinate.client.trainer import make_optimizer, train  # noqa: E402
 from pollinate.config import RunConfig, parse_options  # noqa: E402
 from pollinate.evaluation import evaluate  # noqa: E402
-from pollinate.modeling import build_model, pick_device  # noqa: E402
+from pollinate.modeling import ModelSpec, build_model, pick_device  # noqa: E402
 from pollinate.simulations.launch import simulate  # noqa: E402
-from pollinate.simulations.report import RESULTS, markdown_table, publish  # noqa: E402
 
 NAME = "foundation"
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REQUIRED = ("pollinate", "flower-baseline", "centralised")
 VARIANTS: dict[str, dict[str, Any]] = {"pollinate-bf16": {"precision": "bf16"}}  # pollinate, one change each
 SYSTEMS = (*REQUIRED, *VARIANTS)
@@ -72,7 +69,7 @@ console = Console(stderr=True)
 
 
 def scenario(quick: bool, out: Path) -> RunConfig:
-    ag_news = SHARED_DATA / "ag_news"
+    ag_news = DATA / "ag_news"
     if not (ag_news / "train.csv").exists():
         raise SystemExit(f"AG News not found at {ag_news}")
     size = dict(num_clients=3, max_train_examples=100, test_examples=200, num_server_rounds=2) if quick \
@@ -175,7 +172,7 @@ def run_centralised(config: RunConfig) -> list[dict[str, Any]]:
         pooled = concatenate_datasets([datalib.client_table(config, table, i, config.num_clients)
                                        for i in range(config.num_clients)])
         test_table = datalib.test_table(config)
-        model = build_model(model_spec(config, datalib.num_labels(table, test_table), config.lora_rank),
+        model = build_model(ModelSpec.from_config(config, datalib.num_labels(table, test_table)),
                             pick_device(config.device))
         train_data = datalib.encode(pooled, model.tokenizer, config.task, config.max_length)
         test_data = datalib.encode(test_table, model.tokenizer, config.task, config.max_length)
@@ -286,14 +283,6 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def show(rows: list[dict[str, Any]]) -> None:
-    table = Table(*COLUMNS, title="foundation benchmark")
-    for r in rows:
-        table.add_row(r["system"], str(r["round"]), f"{r['accuracy']:.3f}", f"{r['seconds']:.1f}",
-                      f"{r['cpu_seconds']:.1f}", f"{r['bytes_up']:,}", f"{r['bytes_down']:,}")
-    Console().print(table)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 clients, 2 rounds, not published")
@@ -327,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         for system in systems:
             rows += run_system(system, config.to_json())
-    show(rows)
+    Console().print(rich_table(rows, COLUMNS, title="foundation benchmark", left=("system",)))
     publishable = not args.quick and set(REQUIRED) <= set(systems)
     if publishable:
         png = plot(rows, RESULTS / f"{NAME}.png")

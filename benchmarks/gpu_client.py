@@ -50,11 +50,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
 from pollinate import instructions  # noqa: E402
 from pollinate.aggregators import resolve  # noqa: E402
-from pollinate.client.session import model_spec  # noqa: E402
 from pollinate.client.trainer import train  # noqa: E402
 from pollinate.config import RunConfig  # noqa: E402
 from pollinate.data import collate  # noqa: E402
-from pollinate.modeling import RANDOM_LLAMA_SHAPES, load_tokenizer  # noqa: E402
+from pollinate.modeling import RANDOM_LLAMA_SHAPES, ModelSpec, load_tokenizer  # noqa: E402
 from pollinate.server.rundir import RunDirectory  # noqa: E402
 from pollinate.simulations.launch import simulate  # noqa: E402
 
@@ -152,7 +151,7 @@ def pollinate_client(config: RunConfig, data: instructions.InstructionData,
     device = s["device"]
     _reset(device)
     aggregator = resolve(config.aggregator)
-    model = aggregator.build_model(model_spec(config, 2, config.lora_rank), torch.device(device))
+    model = aggregator.build_model(ModelSpec.from_config(config, 2), torch.device(device))
     train(model, data, config.replace(local_steps=s["warmup"]), seed=0)
     result = train(model, data, config, seed=1)
     return {"tokens_per_s": result.tokens / result.seconds, "peak_mem_gib": _peak_gib(device)}

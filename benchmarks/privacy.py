@@ -45,11 +45,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
-
-from rich.console import Console
 
 from pollinate import data as datalib
 from pollinate.client.privacy import plan_for, train_private
@@ -58,11 +57,13 @@ from pollinate.config import RunConfig
 from pollinate.deltas import diff
 from pollinate.modeling import ModelSpec, build_model, pick_device
 from pollinate.privacy import Budget, l2_norm
-from pollinate.simulations import report
 from pollinate.simulations.launch import simulate
 
+if __package__ in (None, ""):  # run as a file: import ``benchmarks`` from the repository
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import harness  # noqa: E402
+
 NAME = "privacy"
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SETTINGS = ("none", "none-as-dp", "sample-1", "sample-3", "sample-8", "client-central-low",
             "client-central-high", "client-local-low", "client-local-high")
 COLUMNS = ("setting", "aggregator", "optimizer", "target_epsilon", "epsilon", "noise_multiplier", "clip_norm",
@@ -71,13 +72,14 @@ COLUMNS = ("setting", "aggregator", "optimizer", "target_epsilon", "epsilon", "n
 # a round of 10 clients x 1000 examples can take longer than the default 600 s.
 ROUND_TIMEOUT = 3600.0
 AVERAGED = ("accuracy", "epsilon", "noise_multiplier", "local_train_seconds", "minutes")
-console = Console()
+console = harness.console
 
 
 def base_config(args: argparse.Namespace, **options: Any) -> RunConfig:
     return RunConfig.from_mapping({
-        "train-data": str(DATA / "ag_news" / "train.csv"), "test-data": str(DATA / "ag_news" / "test.csv"),
-        **report.scenario_options(args), "partition": "dirichlet", "dirichlet-alpha": 0.5,
+        "train-data": str(harness.DATA / "ag_news" / "train.csv"),
+        "test-data": str(harness.DATA / "ag_news" / "test.csv"),
+        **harness.scenario_options(args), "partition": "dirichlet", "dirichlet-alpha": 0.5,
         "overwrite": True, "delta": 1e-5, **codec_options(args.codec),
         "round-timeout": ROUND_TIMEOUT,
         **options}, allow_extra=False)
@@ -157,7 +159,7 @@ def cached(args: argparse.Namespace, name: str, compute: Any, defaults: dict[str
     matches that part when it has its default value.
     """
     path = Path(args.runs) / f"{name}.json"
-    unused = {"settings", "no_publish", "fresh", "seeds", "repeated", *unused_arguments(name)}
+    unused = {"settings", "no_publish", "results", "fresh", "seeds", "repeated", *unused_arguments(name)}
     key = {k: v for k, v in vars(args).items() if k not in unused}
     if path.exists() and not args.fresh:
         saved = json.loads(path.read_text())
@@ -288,7 +290,34 @@ def plot(rows: list[dict[str, Any]], timing: dict[str, Any], path: Path) -> Path
     right.bar(["ordinary", "DP-SGD"], [timing["plain_seconds"], timing["dp_seconds"]])
     right.set_ylabel(f"seconds per local epoch ({timing['examples']} examples, CPU)")
     right.set_title(f"DP-SGD / ordinary = {timing['ratio']:.2f}x")
-    return report.save_figure(fig, path)
+    return harness.save_figure(fig, path)
+
+
+def notes(args: argparse.Namespace, rows: list[dict[str, Any]], timing: dict[str, Any], clip_norm: float,
+          png: Path) -> str:
+    """The docs section's text under the table."""
+    goal = "".join(
+        f"Goal epsilon 8 within 3 points of no DP, {row['aggregator']}: {row['vs_none']:+.1f} points"
+        f"{paired_gaps(row, rows)} ({'met' if row['vs_none'] >= -3 else 'not met'}). "
+        for row in rows if split_setting(row["name"])[0] == "sample-8" and row["vs_none"] is not None)
+    return (f"{args.clients} clients, Dirichlet 0.5, {args.rounds} rounds, "
+            f"{args.max_train_examples} train examples per client, {args.test_examples} test "
+            f"examples, FedIT unless the name says `@AGGREGATOR`, codec {args.codec} both ways, batch "
+            f"{args.batch_size}, optimizer and learning rate per row (`none`: AdamW, every other "
+            "row as DP trains), vs_none against the better no-DP row of the aggregator, "
+            f"{args.local_epochs} local "
+            f"epoch(s), {seed_note(rows)}, delta 1e-5. "
+            "epsilon = the final round's (sample/client-local: the largest a client reported; "
+            "client-central: the server's accountant); noise_multiplier = mean over clients "
+            "(sample-level noise is solved per client from its data size). client-level "
+            f"clip-norm = median norm of a non-private local update ({clip_norm:.3g}). {goal}"
+            f"Local training time, one client's epoch ({timing['examples']} examples, "
+            f"{timing['steps']} steps, CPU, median of {args.timing_repeats} alternated runs): "
+            f"ordinary {timing['plain_seconds']:.2f} s, DP-SGD {timing['dp_seconds']:.2f} s, "
+            f"ratio {timing['ratio']:.2f}x (goal <= 2x: "
+            f"{'met' if timing['ratio'] <= 2 else 'not met'}). local_train_seconds per row = "
+            "mean seconds per client-round inside the simulation (shared CPU, noisier). "
+            f"Plot: `benchmarks/results/{png.name}`. See docs/privacy.md.")
 
 
 def main() -> None:
@@ -307,12 +336,10 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="recompute parts finished by an earlier run")
     parser.add_argument("--seeds", type=int, default=1, help="seeds of the --repeated settings (>= 1)")
     parser.add_argument("--repeated", default="", help="settings run on every seed (default: all)")
-    report.federation_arguments(parser, runs="runs/bench/privacy")
+    harness.federation_arguments(parser, runs="runs/bench/privacy")
     # DP-SGD's regime: many examples per client, large Poisson batches, few steps (docs/privacy.md)
     parser.set_defaults(rounds=3, max_train_examples=1000, batch_size=128)
-    args = parser.parse_args()
-    if not (DATA / "ag_news" / "train.csv").exists():
-        raise SystemExit(f"datasets not found under {DATA}")
+    args = harness.parse_arguments(parser)
     settings = args.settings.split(",")
     if args.seeds < 1:
         raise SystemExit(f"--seeds must be >= 1, got {args.seeds}")
@@ -344,36 +371,12 @@ def main() -> None:
         rows.append({**over_seeds(results, list(seeds)),
                      "optimizer": f"{trained['optimizer']} {trained['learning-rate']:g}"})
     compare(rows)
-    console.print(report.rich_table(rows, COLUMNS, title="differential privacy on AG News",
-                             left=("setting", "aggregator", "device")))
-    if args.no_publish:
-        return
-    png = plot(rows, timing, report.RESULTS / f"{NAME}.png")
-    goal = "".join(
-        f"Goal epsilon 8 within 3 points of no DP, {row['aggregator']}: {row['vs_none']:+.1f} points"
-        f"{paired_gaps(row, rows)} ({'met' if row['vs_none'] >= -3 else 'not met'}). "
-        for row in rows if split_setting(row["name"])[0] == "sample-8" and row["vs_none"] is not None)
-    report.publish(NAME, [{k: v for k, v in r.items() if k != "curve"} for r in rows],
-            title="Differential privacy: accuracy vs epsilon, DP-SGD cost (AG News)", columns=COLUMNS,
-            notes=(f"{args.clients} clients, Dirichlet 0.5, {args.rounds} rounds, "
-                   f"{args.max_train_examples} train examples per client, {args.test_examples} test "
-                   f"examples, FedIT unless the name says `@AGGREGATOR`, codec {args.codec} both ways, batch "
-                   f"{args.batch_size}, optimizer and learning rate per row (`none`: AdamW, every other "
-                   "row as DP trains), vs_none against the better no-DP row of the aggregator, "
-                   f"{args.local_epochs} local "
-                   f"epoch(s), {seed_note(rows)}, delta 1e-5. "
-                   "epsilon = the final round's (sample/client-local: the largest a client reported; "
-                   "client-central: the server's accountant); noise_multiplier = mean over clients "
-                   "(sample-level noise is solved per client from its data size). client-level "
-                   f"clip-norm = median norm of a non-private local update ({clip_norm:.3g}). {goal}"
-                   f"Local training time, one client's epoch ({timing['examples']} examples, "
-                   f"{timing['steps']} steps, CPU, median of {args.timing_repeats} alternated runs): "
-                   f"ordinary {timing['plain_seconds']:.2f} s, DP-SGD {timing['dp_seconds']:.2f} s, "
-                   f"ratio {timing['ratio']:.2f}x (goal <= 2x: "
-                   f"{'met' if timing['ratio'] <= 2 else 'not met'}). local_train_seconds per row = "
-                   "mean seconds per client-round inside the simulation (shared CPU, noisier). "
-                   f"Plot: `benchmarks/results/{png.name}`. See docs/privacy.md."),
-            extra={"timing": timing, "curves": {r["name"]: r["curve"] for r in rows}})
+    harness.finish(args, NAME, rows, title="Differential privacy: accuracy vs epsilon, DP-SGD cost (AG News)",
+                   columns=COLUMNS, table_title="differential privacy on AG News",
+                   left=("setting", "aggregator", "device"),
+                   plot=lambda rows, path: plot(rows, timing, path),
+                   notes=lambda png: notes(args, rows, timing, clip_norm, png),
+                   extra={"timing": timing, "curves": {r["name"]: r["curve"] for r in rows}})
 
 
 if __name__ == "__main__":

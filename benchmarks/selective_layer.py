@@ -10,7 +10,7 @@ rank that sends the same number of LoRA parameters per round:
 so sum over clients of (layers sent x rank) is equal, and with top-k at a fixed density
 the uplink bytes are too (the table shows the measured ratio). ``lora-alpha`` is 2 x
 rank in every run so the LoRA scaling is the same. Prints a table, writes
-``benchmarks/results/selective_layer.json`` (via ``report.publish``), ``selective_layer.png``
+``benchmarks/results/selective_layer.json`` (via ``harness.publish``), ``selective_layer.png``
 (accuracy against cumulative uplink bytes) and the regulated runs' selection heatmaps.
 
     python benchmarks/selective_layer.py                 # the full benchmark
@@ -35,15 +35,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
 from pollinate.aggregators.selective_layer import HEATMAP
 from pollinate.config import RunConfig
 from pollinate.server.rundir import RunDirectory
-from pollinate.simulations import report
+
+if __package__ in (None, ""):  # run as a file: import ``benchmarks`` from the repository
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import harness  # noqa: E402
 
 NAME = "selective_layer"
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 POLICIES = ("regulated", "gradient", "random", "all")
 LAYERS = 6  # MiniLM-L6
 ATTEMPTS = 6
@@ -52,7 +52,7 @@ CHILD = ("import sys; from pollinate.config import RunConfig; "
          "from pollinate.simulations.launch import simulate; simulate(RunConfig.from_json(sys.argv[1]))")
 COLUMNS = ("dataset", "policy", "rank", "layers_per_client", "accuracy", "best_accuracy", "bytes_up",
            "bytes_up_vs_all", "accuracy_vs_all")
-console = Console(width=160)
+console = harness.console
 
 
 def budgets_of(text: str, clients: int) -> list[int]:
@@ -72,8 +72,9 @@ def matched_rank(rank: int, budgets: list[int]) -> int:
 def run_config(args: argparse.Namespace, dataset: str, policy: str, rank: int) -> RunConfig:
     options = f"policy={policy}" + ("" if policy == "all" else f",budgets={args.budgets}")
     return RunConfig.from_mapping({
-        "train-data": str(DATA / dataset / "train.csv"), "test-data": str(DATA / dataset / "test.csv"),
-        **report.scenario_options(args), "partition": "dirichlet", "dirichlet-alpha": 0.3, "lora-rank": rank,
+        "train-data": str(harness.DATA / dataset / "train.csv"),
+        "test-data": str(harness.DATA / dataset / "test.csv"), **harness.scenario_options(args),
+        "partition": "dirichlet", "dirichlet-alpha": 0.3, "lora-rank": rank,
         "lora-alpha": 2.0 * rank, "aggregator": "selective-layer", "aggregator-options": options,
         "out": str(Path(args.runs) / f"{dataset}-{policy}"), "overwrite": True}, allow_extra=False)
 
@@ -88,9 +89,8 @@ def complete(summary: dict[str, Any] | None, config: RunConfig) -> bool:
 
 
 def previous(config: RunConfig) -> dict[str, Any] | None:
-    """The summary of a finished run of exactly this config in its run directory, if any."""
-    path = Path(config.out) / "summary.json"
-    summary = json.loads(path.read_text()) if path.exists() else None
+    """The summary of a finished run of exactly this config in its run directory, if it is complete."""
+    summary = harness.finished(config)
     return summary if complete(summary, config) else None
 
 
@@ -184,7 +184,29 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
         ax.set_ylabel("test accuracy")
         ax.legend()
     fig.suptitle("selective layers (budgets 2 or 6 of 6 layers) vs all layers at equal bytes")
-    return report.save_figure(fig, path)
+    return harness.save_figure(fig, path)
+
+
+def figures(rows: list[dict[str, Any]], path: Path) -> Path:
+    """The plot at ``path`` and, beside it, the layer heatmap of every regulated run."""
+    for row in rows:
+        if row["policy"] == "regulated":
+            shutil.copy(Path(row["out"]) / HEATMAP, path.parent / f"{NAME}_heatmap_{row['dataset']}.png")
+    return plot(rows, path)
+
+
+def notes(args: argparse.Namespace, all_rank: int, png: Path) -> str:
+    """The docs section's text under the table."""
+    return (f"10 clients, Dirichlet 0.3, {args.rounds} rounds, {args.max_train_examples} train "
+            f"examples per client, {args.test_examples} test examples, one seed ({args.seed}), batch "
+            f"{args.batch_size}, lr {args.learning_rate}. "
+            f"Budgets {args.budgets} layers of 6 (cycled over clients) for regulated/gradient/"
+            f"random at rank {args.rank}; `all` trains every layer at rank {all_rank}, which "
+            "sends the same number of LoRA parameters per round (rank x layers summed over "
+            "clients), so bytes_up_vs_all is close to 1. accuracy = final round; "
+            "accuracy_vs_all = accuracy - the equal-bytes `all` accuracy. "
+            f"Plot: `benchmarks/results/{png.name}`; layer heatmaps of the regulated runs: "
+            f"`benchmarks/results/{NAME}_heatmap_*.png`.")
 
 
 def main() -> None:
@@ -195,41 +217,20 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=12)
     parser.add_argument("--reuse", action="store_true",
                         help="reuse finished, complete runs of the same config found in --runs")
-    report.federation_arguments(parser, runs="runs/bench/selective_layer")
-    args = parser.parse_args()
-    if not (DATA / "ag_news" / "train.csv").exists():
-        raise SystemExit(f"datasets not found under {DATA}")
+    harness.federation_arguments(parser, runs="runs/bench/selective_layer")
+    args = harness.parse_arguments(parser)
     all_rank = matched_rank(args.rank, budgets_of(args.budgets, args.clients))
-    rows = []
-    runs = [(d, p) for d in args.datasets.split(",") for p in args.policies.split(",")]
-    for i, (dataset, policy) in enumerate(runs, 1):
-        rank = all_rank if policy == "all" else args.rank
-        console.rule(f"[bold]run {i}/{len(runs)}: {dataset}, policy {policy}, rank {rank}")
-        rows.append(run_one(args, dataset, policy, rank))
-        console.print(f"accuracy {rows[-1]['accuracy']:.4f}, uplink {rows[-1]['bytes_up']:,} B")
+    runs = [(d, p, all_rank if p == "all" else args.rank)
+            for d in args.datasets.split(",") for p in args.policies.split(",")]
+    rows = harness.run_each(runs, lambda run: f"{run[0]}, policy {run[1]}, rank {run[2]}",
+                            lambda run: run_one(args, *run),
+                            lambda row: f"accuracy {row['accuracy']:.4f}, uplink {row['bytes_up']:,} B")
     compare_to_all(rows)
-    console.print(report.rich_table(rows, COLUMNS, title="selective layer fine-tuning",
-                             left=("dataset", "policy")))
-    if args.no_publish:
-        return
-    png = plot(rows, report.RESULTS / f"{NAME}.png")
-    for row in rows:
-        if row["policy"] == "regulated":
-            shutil.copy(Path(row["out"]) / HEATMAP, report.RESULTS / f"{NAME}_heatmap_{row['dataset']}.png")
-    report.publish(NAME, [{k: v for k, v in r.items() if k not in ("curve", "out")} for r in rows],
-            title="Selective layer fine-tuning (Sun et al. 2024) at equal uplink bytes",
-            columns=COLUMNS,
-            notes=(f"10 clients, Dirichlet 0.3, {args.rounds} rounds, {args.max_train_examples} train "
-                   f"examples per client, {args.test_examples} test examples, one seed ({args.seed}), batch "
-                   f"{args.batch_size}, lr {args.learning_rate}. "
-                   f"Budgets {args.budgets} layers of 6 (cycled over clients) for regulated/gradient/"
-                   f"random at rank {args.rank}; `all` trains every layer at rank {all_rank}, which "
-                   "sends the same number of LoRA parameters per round (rank x layers summed over "
-                   "clients), so bytes_up_vs_all is close to 1. accuracy = final round; "
-                   "accuracy_vs_all = accuracy - the equal-bytes `all` accuracy. "
-                   f"Plot: `benchmarks/results/{png.name}`; layer heatmaps of the regulated runs: "
-                   f"`benchmarks/results/{NAME}_heatmap_*.png`."),
-            extra={"curves": {f"{r['dataset']}/{r['policy']}": r["curve"] for r in rows}})
+    harness.finish(args, NAME, rows,
+                   title="Selective layer fine-tuning (Sun et al. 2024) at equal uplink bytes",
+                   columns=COLUMNS, table_title="selective layer fine-tuning", left=("dataset", "policy"),
+                   plot=figures, notes=lambda png: notes(args, all_rank, png), private=("curve", "out"),
+                   extra={"curves": {f"{r['dataset']}/{r['policy']}": r["curve"] for r in rows}})
 
 
 if __name__ == "__main__":

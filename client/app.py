@@ -17,13 +17,22 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
 from pollinate.aggregators import Aggregator, ClientPart, resolve
-from pollinate.codec import CodecError, Delta, DeltaHeader, ErrorFeedback, decode, encode
+from pollinate.codec import (
+    CodecError,
+    Delta,
+    DeltaHeader,
+    ErrorFeedback,
+    decode,
+    encode,
+    encode_with_feedback,
+)
 from pollinate.deltas import add, digest
+from pollinate.modeling import ModelSpec
 from pollinate.protocol import EMPTY_VERSION, TrainInstruction, TrainReply, uplink_codec
 from pollinate.spec import Tensors
 
 from .privacy import ClientPrivacy
-from .session import NodeSettings, data_key, local_data, model_for, model_spec, seeded_initial
+from .session import NodeSettings, data_key, local_data, model_for, seeded_initial
 from .state import NodeMemory
 from .trainer import train
 
@@ -41,7 +50,7 @@ def rebuild_anchor(aggregator_cls: type[Aggregator], options: dict[str, Any], or
     """
     key = json.dumps(options, sort_keys=True)
     for rank in dict.fromkeys([node.rank, order.config.global_rank]):
-        spec = model_spec(order.config, order.num_labels, rank)
+        spec = ModelSpec.from_config(order.config, order.num_labels, rank)
         seeded = seeded_initial(aggregator_cls, key, spec, node.device)
         if digest(seeded) == expected:
             return seeded
@@ -74,7 +83,7 @@ def run_round(order: TrainInstruction, context: Context) -> TrainReply:
     options = config.aggregator_option_map
     aggregator = aggregator_cls(**options)
     part: ClientPart = aggregator_cls.client_part(options, order.instructions, context.node_config)
-    model = model_for(aggregator_cls, model_spec(config, order.num_labels, node.rank), node.device)
+    model = model_for(aggregator_cls, ModelSpec.from_config(config, order.num_labels, node.rank), node.device)
     seeded_initial(aggregator_cls, json.dumps(options, sort_keys=True), model.spec, node.device)
     try:
         down = decode(order.payload, aggregator.downlink_spec(model),
@@ -106,15 +115,15 @@ def run_round(order: TrainInstruction, context: Context) -> TrainReply:
     result = privacy.train(model, data) if config.dp == "sample" else train(model, data, config, seed)
     update = privacy.privatize(part.update(model, start))  # clip + noise before error feedback/codec
 
-    feedback = ErrorFeedback(memory.residual if config.error_feedback else None)
-    if config.error_feedback and part.uses_error_feedback:
-        update = feedback.compensate(update)
+    use_feedback = config.error_feedback and part.uses_error_feedback
+    feedback = ErrorFeedback(memory.residual) if use_feedback else None
     header = DeltaHeader(run_id=context.run_id, round=order.round,
                          base_version=memory.held_version, target_version=memory.held_version)
-    payload = encode(Delta(header, update), uplink_codec(config))
-    if config.error_feedback and part.uses_error_feedback:
-        sent = decode(payload, aggregator.uplink_spec(model), max_payload_bytes=config.max_payload_bytes)
-        feedback.update(update, sent.tensors)
+    payload, _ = encode_with_feedback(
+        update, feedback, lambda tensors: encode(Delta(header, tensors), uplink_codec(config)),
+        lambda data: decode(data, aggregator.uplink_spec(model),
+                            max_payload_bytes=config.max_payload_bytes).tensors)
+    if feedback is not None:
         memory.residual = feedback.residual
     memory.store(context.state)
     metrics = {"train-loss": result.loss, "train-seconds": result.seconds, "steps": result.steps,

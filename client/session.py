@@ -47,13 +47,6 @@ class NodeSettings:
                    data_path, rank, str(node_config.get("device", config.device)))
 
 
-def model_spec(config: RunConfig, num_labels: int, rank: int) -> ModelSpec:
-    return ModelSpec(name=config.model, task=config.task, num_labels=num_labels, rank=rank,
-                     alpha=config.lora_alpha, dropout=config.lora_dropout,
-                     target_modules=tuple(config.target_module_list), seed=config.seed,
-                     base_dtype=config.base_dtype, quantization=config.quantization)
-
-
 @lru_cache(maxsize=8)
 def model_for(aggregator_cls: type[Aggregator], spec: ModelSpec, device: str) -> AdapterModel:
     """The model the run's method works on, built once per (method, spec, device)."""

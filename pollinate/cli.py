@@ -83,6 +83,8 @@ def _preflight(config: RunConfig, *, local_data: bool = True) -> RunConfig:
         method(**config.aggregator_option_map)
     except UnknownAggregator as err:
         raise ConfigError(str(err)) from err
+    except ConfigError:
+        raise  # already names the method and the option
     except (TypeError, ValueError) as err:
         raise ConfigError(f"aggregator-options for {config.aggregator}: {err}") from err
     config = method.settle_config(config, lambda text: console.print(f"[yellow]note:[/] {text}"))
@@ -107,6 +109,29 @@ def options_command() -> None:
         table.add_column(column, overflow="fold")
     for row in option_help():
         table.add_row(*row)
+    console.print(table)
+
+
+@app.command("aggregators")
+def aggregators_command(
+    path: list[str] = typer.Option([], "--path", help="also list this module:Class method (repeatable)"),
+) -> None:
+    """List every aggregation method (built-ins, entry points, --path) with its options."""
+    from rich.markup import escape
+
+    from pollinate.aggregators import UnknownAggregator, methods
+
+    try:
+        found = methods(path)
+    except UnknownAggregator as err:
+        _fail(err)
+    table = Table(title="Aggregation methods (--aggregator NAME, --set aggregator-options=key=value,...)")
+    for column in ("method", "option", "type", "default", "what it does"):
+        table.add_column(column, overflow="fold")
+    for name, method in found.items():
+        for i, row in enumerate(method.option_rows()):
+            table.add_row(name if i == 0 else "", *map(escape, row))
+        table.add_section()
     console.print(table)
 
 
@@ -296,10 +321,8 @@ def personalize_command(
 
     from pollinate import data as datalib
     from pollinate.aggregators import resolve
-    from pollinate.client.session import model_spec
-    from pollinate.experts import ExpertConfig, MixtureModel
-    from pollinate.modeling import pick_device
-    from pollinate.personalize import personalize
+    from pollinate.aggregators.expert_routing import ExpertConfig, MixtureModel, personalize
+    from pollinate.modeling import ModelSpec, pick_device
     from pollinate.server.rundir import RunDirectory
 
     try:
@@ -309,7 +332,7 @@ def personalize_command(
         config = RunConfig.from_mapping(ckpt.config)
         summary = json.loads((run / "summary.json").read_text())
         labels = tuple(summary.get("labels", ()))
-        spec = model_spec(config, summary["num_labels"], config.lora_rank)
+        spec = ModelSpec.from_config(config, summary["num_labels"])
         model = resolve(config.aggregator).build_model(spec, pick_device(config.device))
         if not isinstance(model, MixtureModel):
             raise ConfigError(f"{run} is a {config.aggregator!r} run; personalize needs expert-routing")

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -126,6 +127,8 @@ class RunConfig:
     out: str = option("", "run directory; empty = a fresh runs/<date>-<time>[-run<id>]")
     resume: bool = option(False, "continue the run whose checkpoint is in out")
     overwrite: bool = option(False, "replace the run in out")
+    target_accuracy: float = option(0.0, "accuracy whose rounds, seconds and bytes to reach summary.json "
+                                         "reports (0 = none)")
     num_labels: int = option(0, "label count (0 = from the data); a deployed server without data needs it")
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
@@ -238,6 +241,8 @@ class RunConfig:
                 raise ConfigError(f"{_key(f.name)} must be one of {', '.join(allowed)}, "
                                   f"got {getattr(self, f.name)!r}"
                                   f"{suggest(str(getattr(self, f.name)), allowed)}")
+        if not 0.0 <= self.target_accuracy <= 1.0:
+            raise ConfigError(f"target-accuracy must be in [0, 1], got {self.target_accuracy}")
         if not 0.0 < self.test_fraction < 1.0:
             raise ConfigError(f"test-fraction must be in (0, 1), got {self.test_fraction}")
         if self.resume and self.overwrite:
@@ -375,13 +380,22 @@ def _key(name: str) -> str:
 
 
 _KINDS = {"int": int, "float": float, "str": str, "bool": bool}
+_TUPLE = re.compile(r"^tuple\[(\w+), \.\.\.\]$")
+LIST_SEPARATORS = re.compile(r"[:;/\s]+")
+"""Between the items of a list option written as text (``0:5:10``): commas split ``aggregator-options``."""
 
 
 def coerce(key: str, value: Any, annotation: Any) -> Any:
     """``value`` as the option's type, refusing every lossy conversion (``3.5`` is no int).
 
-    The one coercion routine of run-config values (CLI strings, TOML and JSON values).
+    The one coercion routine of run-config and method option values (CLI strings, TOML
+    and JSON values). ``tuple[int, ...]`` takes a list, one value or ``:``-separated text.
     """
+    items = _TUPLE.match(str(annotation))
+    if items:
+        parts = list(value) if isinstance(value, list | tuple) else (
+            [v for v in LIST_SEPARATORS.split(value.strip()) if v] if isinstance(value, str) else [value])
+        return tuple(coerce(key, part, items.group(1)) for part in parts)
     kind = _KINDS.get(str(annotation), annotation if annotation in _KINDS.values() else None)
     if kind is None:
         return value
@@ -392,7 +406,7 @@ def coerce(key: str, value: Any, annotation: Any) -> Any:
             return value.strip().lower() in ("true", "1")
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
-        raise ConfigError(f"{key} must be a boolean (true or false), got {value!r}")
+        raise ConfigError(f"{key} must be a boolean, got {value!r} ({key} must be true or false)")
     if kind is str:
         if isinstance(value, (dict, list)):
             return json.dumps(value)

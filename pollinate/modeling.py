@@ -33,7 +33,7 @@ from transformers import (
 )
 from transformers.utils import logging as transformers_logging
 
-from pollinate.config import ConfigError
+from pollinate.config import ConfigError, RunConfig
 from pollinate.spec import Tensors
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -73,6 +73,22 @@ class ModelSpec:
     seed: int = 0
     base_dtype: str = "fp32"
     quantization: str = "none"
+
+    @classmethod
+    def from_config(cls, config: RunConfig, num_labels: int, rank: int | None = None, *,
+                    full_precision: bool = False) -> ModelSpec:
+        """The spec a run's config describes, at ``rank`` (the config's ``lora-rank`` if omitted).
+
+        ``full_precision`` drops the base-model options a training node may use to save
+        memory (``base-dtype``, ``quantization``): the server aggregates and evaluates the
+        global adapter on a full-precision base.
+        """
+        return cls(name=config.model, task=config.task, num_labels=num_labels,
+                   rank=config.lora_rank if rank is None else rank, alpha=config.lora_alpha,
+                   dropout=config.lora_dropout, target_modules=tuple(config.target_module_list),
+                   seed=config.seed,
+                   **({} if full_precision else {"base_dtype": config.base_dtype,
+                                                 "quantization": config.quantization}))
 
 
 def default_model_path() -> str:

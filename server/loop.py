@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 
 from pollinate import data as datalib
 from pollinate.aggregators import AggregationError, Aggregator, resolve
-from pollinate.codec import ErrorFeedback, decode
+from pollinate.codec import ErrorFeedback, decode, encode_with_feedback
 from pollinate.config import ConfigError, RunConfig
 from pollinate.deltas import add
 from pollinate.evaluation import evaluate
@@ -32,6 +32,7 @@ from pollinate.modeling import ModelSpec, pick_device
 from pollinate.privacy import l2_norm
 from pollinate.protocol import EMPTY_VERSION, TrainInstruction, TrainReply, downlink_codec
 
+from .curves import cumulative, to_target
 from .privacy import CentralDP, privacy_state, private_aggregator, restore_privacy, round_privacy
 from .progress import RoundDisplay
 from .replies import Rejected, ReplyChecker, Sent, norm_outliers, order_key
@@ -41,7 +42,7 @@ from .versions import FULL_ONLY, VersionStore
 log = logging.getLogger("pollinate.server")
 FIRST_VERSION = 1
 # options that may change when a run is resumed; any other difference is a different run
-RESUMABLE = {"num-server-rounds", "round-timeout", "resume", "out", "min-train-nodes",
+RESUMABLE = {"num-server-rounds", "round-timeout", "resume", "out", "min-train-nodes", "target-accuracy",
              "fraction-train"}
 
 
@@ -73,9 +74,7 @@ class Coordinator:
         if config.overwrite:
             self.out.clear()
         self.labels, self.num_labels, self.test_table = self._labels_and_test_table()
-        spec = ModelSpec(name=config.model, task=config.task, num_labels=self.num_labels,
-                         rank=config.global_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                         target_modules=tuple(config.target_module_list), seed=config.seed)
+        spec = ModelSpec.from_config(config, self.num_labels, config.global_rank, full_precision=True)
         aggregator_cls = resolve(config.aggregator)
         self.model = aggregator_cls.build_model(spec, pick_device(config.device))
         self.test_data = None if self.test_table is None else datalib.encode(
@@ -194,7 +193,8 @@ class Coordinator:
                    "bytes_increment": increment,
                    "clients": sum(c["used"] for c in round_log.clients)}
         record = self._evaluate(rnd, traffic)
-        record.update(seconds=time.perf_counter() - started, client_metrics=round_log.clients,
+        record.update(seconds=time.perf_counter() - started, sampled=len(nodes),
+                      client_metrics=round_log.clients,
                       dropped=round_log.dropped, aggregator=self.aggregator.metrics(),
                       version=self.versions.latest)
         record.update(_mean_client_metrics(round_log.clients))
@@ -309,14 +309,13 @@ class Coordinator:
         delta = self.aggregator.finalize()
         wire = self.aggregator.pack_downlink(delta, latest_round=True)
         compensate = self.config.error_feedback and self.part.uses_error_feedback
-        if compensate:
-            wire = self.feedback.compensate(wire)
-        payload = self.versions.encode_increment(wire, rnd, downlink_codec(self.config))
-        sent = decode(payload, self.downlink_spec,
-                      max_payload_bytes=self.config.max_payload_bytes)
-        if compensate:
-            self.feedback.update(wire, sent.tensors)
-        state = add(self.versions.state, self.part.unpack_downlink(sent.tensors))
+        payload, sent = encode_with_feedback(
+            wire, self.feedback if compensate else None,
+            lambda tensors: self.versions.encode_increment(tensors, rnd, downlink_codec(self.config)),
+            lambda data: decode(data, self.downlink_spec,
+                                max_payload_bytes=self.config.max_payload_bytes).tensors,
+            need_decoded=True)
+        state = add(self.versions.state, self.part.unpack_downlink(sent))
         self.versions.push(self.versions.latest + 1, state, payload)
         return len(payload)
 
@@ -339,12 +338,14 @@ class Coordinator:
 
     def summary(self) -> dict[str, Any]:
         keep = ("round", "accuracy", "loss", "perplexity", "exact_match", "token_f1", "bytes_up",
-                "bytes_down", "clients", "seconds", "train_loss", "dropped", "epsilon")
-        rounds = [{k: r[k] for k in keep if k in r} for r in self.rounds]
+                "bytes_down", "clients", "sampled", "seconds", "train_loss", "dropped", "epsilon")
+        rounds = cumulative([{k: r[k] for k in keep if k in r} for r in self.rounds])
         aggregated = sum(1 for r in self.rounds if r.get("clients"))
+        target = self.config.target_accuracy
         return {"config": self.config.to_mapping(), "run_id": self.run_id, "num_labels": self.num_labels,
                 "labels": list(self.labels), "status": "ok" if aggregated else "failed",
                 "rounds_aggregated": aggregated, "rounds": rounds, "final": rounds[-1] if rounds else {},
+                "to_target": to_target(rounds, target) if target else None,
                 "exhausted_clients": sorted(self.exhausted)}
 
     def finish(self) -> dict[str, Any]:

@@ -1,1 +1,1 @@
-"""Simulated federations on one machine: the launcher, scenarios and benchmark harness."""
+"""Simulated federations on one machine: the launcher, faulty-client scenarios, centralised training."""

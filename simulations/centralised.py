@@ -11,11 +11,10 @@ from __future__ import annotations
 from datasets import concatenate_datasets
 
 from pollinate import data as datalib
-from pollinate.client.session import model_spec
 from pollinate.client.trainer import make_optimizer, train
 from pollinate.config import RunConfig
 from pollinate.evaluation import evaluate
-from pollinate.modeling import build_model, pick_device
+from pollinate.modeling import ModelSpec, build_model, pick_device
 
 
 def train_centralised(config: RunConfig, rank: int | None = None,
@@ -32,7 +31,7 @@ def train_centralised(config: RunConfig, rank: int | None = None,
     test = datalib.test_table(config)
     num_labels = (config.num_labels or datalib.num_labels(table, test)
                   if config.task == "classification" else 2)
-    model = build_model(model_spec(config, num_labels, rank or config.lora_rank),
+    model = build_model(ModelSpec.from_config(config, num_labels, rank or config.lora_rank),
                         pick_device(config.device))
     train_data = datalib.encode(pooled, model.tokenizer, config.task, config.max_length)
     test_data = datalib.encode(test, model.tokenizer, config.task, config.max_length)

@@ -24,6 +24,7 @@ from pollinate.codec import (
     ShapeMismatch,
     decode,
     encode,
+    encode_with_feedback,
     encoded_error_bound,
     frame,
     topk,
@@ -208,10 +209,9 @@ def _run_rounds(feedback: ErrorFeedback | None, g: torch.Tensor, rounds: int):
     adapter = AdapterSpec.of({"w": g})
     cum_true, cum_sent, residual_norms = torch.zeros_like(g), torch.zeros_like(g), []
     for _ in range(rounds):
-        sent = feedback.compensate({"w": g}) if feedback else {"w": g}
-        decoded = decode(encode(Delta(DeltaHeader(), sent), spec), adapter).tensors
+        _, decoded = encode_with_feedback({"w": g}, feedback, lambda t: encode(Delta(DeltaHeader(), t), spec),
+                                          lambda data: decode(data, adapter).tensors, need_decoded=True)
         if feedback:
-            feedback.update(sent, decoded)
             residual_norms.append(feedback.residual["w"].norm().item())
         cum_true += g
         cum_sent += decoded["w"]
@@ -229,6 +229,29 @@ def test_error_feedback_tracks_the_cumulative_sum():
     assert max(norms[60:]) <= 1.15 * max(norms[:60])
     assert rel_ef < 0.1 < rel_plain
     assert rel_ef < rel_plain / 5
+
+
+def test_encode_with_feedback_keeps_the_residual_and_decodes_only_when_needed():
+    update = {"w": torch.randn(16, 8, generator=torch.Generator().manual_seed(1))}
+    spec = CodecSpec("topk-ternary", density=0.25)
+    decoded_payloads: list[bytes] = []
+
+    def encode_update(tensors):
+        return encode(Delta(DeltaHeader(), tensors), spec)
+
+    def decode_payload(data: bytes):
+        decoded_payloads.append(data)
+        return decode(data, AdapterSpec.of(update)).tensors
+
+    payload, decoded = encode_with_feedback(update, None, encode_update, decode_payload)
+    assert payload == encode_update(update) and decoded is None and not decoded_payloads
+    feedback = ErrorFeedback()
+    payload, decoded = encode_with_feedback(update, feedback, encode_update, decode_payload)
+    assert decoded_payloads == [payload] and payload == encode_update(update)  # empty residual: same bytes
+    assert torch.equal(feedback.residual["w"], update["w"] - decoded["w"])
+    assert feedback.residual["w"].abs().sum() > 0  # top-k at 25% dropped something
+    second, _ = encode_with_feedback(update, feedback, encode_update, decode_payload)
+    assert second != payload  # the residual is sent in the next round
 
 
 def test_error_feedback_state_roundtrips_and_validates():

@@ -17,15 +17,21 @@ from typer.testing import CliRunner
 
 from pollinate import data as datalib
 from pollinate.aggregators import AggregationError, ClientUpdate, resolve
-from pollinate.aggregators.expert_routing import ExpertClient, ExpertRouting
+from pollinate.aggregators.expert_routing import (
+    ExpertClient,
+    ExpertRouting,
+    RoutingPolicy,
+    client_choice,
+    expert_of,
+    personalize,
+    single_expert_state,
+)
 from pollinate.cli import app as cli_app
 from pollinate.client.trainer import train
 from pollinate.codec import Delta, DeltaHeader, decode, encode
 from pollinate.config import ConfigError, RunConfig
 from pollinate.deltas import add
-from pollinate.experts import RoutingPolicy, client_choice, expert_of, single_expert_state
 from pollinate.modeling import ModelSpec, build_model
-from pollinate.personalize import personalize
 from pollinate.protocol import downlink_codec, uplink_codec
 from pollinate.simulations.launch import simulate
 

@@ -15,16 +15,18 @@ import torch
 
 from pollinate import data as datalib
 from pollinate.aggregators import ClientUpdate, resolve
-from pollinate.aggregators.layer_selection import (
+from pollinate.aggregators.selective_layer import (
+    HEATMAP,
     POLICIES,
     SelectionInput,
+    SelectiveLayer,
+    SelectiveLayerClient,
     block_of,
     layer_importance,
     objective,
     regulate,
     transformer_layers,
 )
-from pollinate.aggregators.selective_layer import HEATMAP, SelectiveLayer, SelectiveLayerClient
 from pollinate.client.trainer import train
 from pollinate.codec import Delta, DeltaHeader, decode, encode
 from pollinate.config import ConfigError, RunConfig

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.slow
 def classification_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     config = RunConfig(num_clients=3, num_server_rounds=2, max_train_examples=200,
-                       test_examples=200, out=str(out), resume=False, learning_rate=5e-3)
+                       test_examples=200, out=str(out), resume=False, learning_rate=5e-3,
+                       target_accuracy=0.4)
     return config, simulate(config)
 
 
@@ -37,6 +38,19 @@ def test_accuracy_rises_and_outputs_are_written(classification_run):
     assert len(out.read_metrics()) == 3
     for png in ("quality.png", "bytes.png"):
         assert (out.path / png).stat().st_size > 1000
+
+
+def test_summary_reports_cumulative_cost_and_time_to_target(classification_run):
+    config, summary = classification_run
+    rounds = summary["rounds"]
+    assert [r["cum_bytes_up_per_client"] for r in rounds] == [
+        round(sum(q["bytes_up"] / 3 for q in rounds[:i + 1])) for i in range(3)]
+    assert rounds[0]["cum_seconds"] == 0.0 < rounds[1]["cum_seconds"] < rounds[2]["cum_seconds"]
+    reached = next(r for r in rounds if r["accuracy"] >= 0.4)  # round 2 is > round 0 + 0.1 >= 0.4
+    assert summary["to_target"] == {
+        "target_accuracy": 0.4, "rounds": reached["round"], "seconds": reached["cum_seconds"],
+        "bytes_up_per_client": reached["cum_bytes_up_per_client"],
+        "bytes_down_per_client": reached["cum_bytes_down_per_client"]}
 
 
 def test_exported_adapter_reproduces_the_global_model(classification_run):

@@ -21,7 +21,7 @@ from pollinate.codec.errors import (
     UnknownTensor,
     UnsupportedVersion,
 )
-from pollinate.codec.feedback import ErrorFeedback
+from pollinate.codec.feedback import ErrorFeedback, encode_with_feedback
 
 __all__ = [
     "ENCODINGS",
@@ -43,5 +43,6 @@ __all__ = [
     "UnsupportedVersion",
     "decode",
     "encode",
+    "encode_with_feedback",
     "encoded_error_bound",
 ]

@@ -9,7 +9,7 @@ Flower node state between rounds.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -61,3 +61,22 @@ class ErrorFeedback:
             return cls(load(bytes(data)))
         except SafetensorError as e:
             raise MalformedPayload(f"error-feedback state is not valid safetensors: {e}") from e
+
+
+def encode_with_feedback(tensors: Mapping[str, torch.Tensor], feedback: ErrorFeedback | None,
+                         encode: Callable[[Mapping[str, torch.Tensor]], bytes],
+                         decode: Callable[[bytes], Mapping[str, torch.Tensor]], *,
+                         need_decoded: bool = False) -> tuple[bytes, Mapping[str, torch.Tensor] | None]:
+    """Encode ``tensors`` with error feedback: compensate, encode, decode our own payload, keep the residual.
+
+    The one sequence both ends run (client uplink, server downlink). ``feedback=None``
+    encodes ``tensors`` as they are. The payload is decoded (``decode``) only when the
+    residual needs it or the caller does (``need_decoded``); returns ``(payload, decoded)``,
+    ``decoded`` being ``None`` when it was not decoded.
+    """
+    sent = feedback.compensate(tensors) if feedback is not None else tensors
+    payload = encode(sent)
+    decoded = decode(payload) if feedback is not None or need_decoded else None
+    if feedback is not None:
+        feedback.update(sent, decoded)
+    return payload, decoded

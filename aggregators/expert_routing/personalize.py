@@ -17,11 +17,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pollinate.codec import Delta, DeltaHeader, encode
+from pollinate.aggregators.expert_routing.choice import client_choice
+from pollinate.aggregators.expert_routing.mixture import MixtureModel
+from pollinate.aggregators.expert_routing.routing import RoutingPolicy
+from pollinate.aggregators.expert_routing.tensors import expert_tensors, router_tensors
+from pollinate.codec import CodecSpec, Delta, DeltaHeader, encode
 from pollinate.data import Encoded
 from pollinate.evaluation import evaluate
-from pollinate.experts import MixtureModel, RoutingPolicy, client_choice, expert_tensors, router_tensors
-from pollinate.protocol import LOSSLESS
 from pollinate.spec import Tensors
 
 
@@ -44,8 +46,9 @@ class Personalization:
 
 
 def download_size(tensors: Tensors) -> int:
-    """Bytes of ``tensors`` as one lossless downlink payload."""
-    return len(encode(Delta(DeltaHeader(), tensors), LOSSLESS))
+    """Bytes of ``tensors`` as one lossless (fp32) downlink payload, as the server sends full
+    states (``pollinate.protocol.LOSSLESS``, not imported: aggregators do not import Flower)."""
+    return len(encode(Delta(DeltaHeader(), tensors), CodecSpec(encoding="fp32")))
 
 
 def personalize(model: MixtureModel, state: Tensors, data: Encoded, *,

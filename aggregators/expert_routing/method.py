@@ -1,6 +1,6 @@
 """Expert routing (FedJETs-style): E LoRA experts, a gate on a frozen embedding, per-client experts.
 
-Model: :mod:`pollinate.experts` (experts ``experts.{e}.*``, gate ``gate.*``, shared head).
+Model: :mod:`.mixture` (experts ``experts.{e}.*``, gate ``gate.*``, shared head).
 
 Client (:class:`ExpertClient`): embeds its local data once with the common expert (the
 frozen base model; memoised per example) and scores every expert with the current
@@ -38,7 +38,7 @@ Round 1, and clients the server has no scores for (``start``):
   clients too since they rebuild version 1): the gate starts as nearest-centroid routing
   of their centred common-expert embeddings and such clients choose by it.
 
-Options (``aggregator-options``, validated by :class:`~pollinate.experts.ExpertConfig`):
+Options (``aggregator-options``, validated by :class:`.config.ExpertConfig`):
 ``experts`` (E, 4), ``top-k`` (2), ``client-experts`` (2), ``balance-weight`` (0.01),
 ``balance-rate`` (1.0), ``route-weight`` (1.0), ``gate-hidden`` (64), ``start``,
 ``choice``, ``kmeans-data``, ``anchors``, ``seed``.
@@ -46,8 +46,6 @@ Options (``aggregator-options``, validated by :class:`~pollinate.experts.ExpertC
 
 from __future__ import annotations
 
-import math
-import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -55,19 +53,15 @@ from typing import Any
 import torch
 
 from pollinate.aggregators.base import AggregationError, Aggregator, ClientPart, ClientUpdate
+from pollinate.aggregators.expert_routing.choice import assign_experts, client_choice
+from pollinate.aggregators.expert_routing.config import ExpertConfig
+from pollinate.aggregators.expert_routing.kmeans import kmeans_gate_state, public_texts
+from pollinate.aggregators.expert_routing.layers import GATE_LOGIT_SCALE
+from pollinate.aggregators.expert_routing.mixture import MixtureModel, build_mixture
+from pollinate.aggregators.expert_routing.routing import RoutingPolicy, routed_counts
+from pollinate.aggregators.expert_routing.tensors import expert_of
 from pollinate.config import ConfigError
 from pollinate.data import Encoded
-from pollinate.experts import (
-    GATE_LOGIT_SCALE,
-    ExpertConfig,
-    MixtureModel,
-    RoutingPolicy,
-    build_mixture,
-    client_choice,
-    expert_of,
-    kmeans_gate_state,
-    routed_counts,
-)
 from pollinate.modeling import AdapterModel, ModelSpec
 from pollinate.spec import AdapterSpec, Tensors
 
@@ -93,7 +87,7 @@ class ExpertClient(ClientPart):
     def __init__(self, options: Mapping[str, Any], instructions: Mapping[str, Any],
                  node: Mapping[str, Any] | None = None):
         super().__init__(options, instructions, node)
-        self.config = ExpertConfig.from_options(self.options)
+        self.config = ExpertConfig.from_options(self.options, ExpertRouting.name)
         self.chosen: tuple[int, ...] = ()
         self.counts: dict[int, int] = {}
         self.scores: list[float] = []
@@ -144,11 +138,12 @@ class ExpertRouting(Aggregator):
     """Per-expert averaging over the clients that trained each expert; gate and head over all."""
 
     name = "expert-routing"
+    Options = ExpertConfig
+    config: ExpertConfig
     client_part = ExpertClient
 
     def __init__(self, **options: Any):
         super().__init__(**options)
-        self.config = ExpertConfig.from_options(options)
         self._usage: dict[int, list[tuple[int, int]]] = {}  # expert -> [(node, routed)] this round
         self._scores = torch.zeros(self.config.experts, dtype=torch.float64)  # example-weighted sums
         self._scored = 0.0
@@ -234,7 +229,7 @@ class ExpertRouting(Aggregator):
 
         With ``p_e`` the example-weighted mean gate probability the round's clients reported
         (before training), the bias moves by ``-balance-rate (log p_e - mean log p) / c``
-        (``c`` = :data:`~pollinate.experts.GATE_LOGIT_SCALE`): experts that attract more than
+        (``c`` = :data:`.layers.GATE_LOGIT_SCALE`): experts that attract more than
         their share lose logit, the others gain, so clients choose by what distinguishes
         their data rather than by what every client's embedding has in common.
         """
@@ -295,44 +290,3 @@ class ExpertRouting(Aggregator):
         fig.savefig(path, dpi=100)
         plt.close(fig)
         return [path]
-
-
-def assign_experts(scores: Mapping[int, Sequence[float]], unknown: Sequence[int], experts: int,
-                   per_client: int, seed: int) -> dict[int, tuple[int, ...]]:
-    """``per_client`` distinct experts for every node of ``scores`` and ``unknown``.
-
-    Nodes with scores are served greedily, best (score, node, expert) first, while the
-    expert has capacity ``ceil(nodes * per_client / experts)``; then the unknown nodes (in
-    seeded random order) and any node still short take the least-used experts, seeded
-    ties, over capacity only if nothing else is left.
-    """
-    nodes = [*scores, *unknown]
-    capacity = math.ceil(len(nodes) * per_client / experts)
-    load = [0] * experts
-    hands: dict[int, list[int]] = {n: [] for n in nodes}
-    for _, node, expert in sorted((-float(s), n, e) for n, row in scores.items() for e, s in enumerate(row)):
-        if len(hands[node]) < per_client and load[expert] < capacity:
-            hands[node].append(expert)
-            load[expert] += 1
-    rng = random.Random(seed)
-    for node in rng.sample(list(unknown), len(unknown)) + [n for n in scores if len(hands[n]) < per_client]:
-        while len(hands[node]) < per_client:
-            expert = min((e for e in range(experts) if e not in hands[node]),
-                         key=lambda e: (load[e] >= capacity, load[e], rng.random()))
-            hands[node].append(expert)
-            load[expert] += 1
-    return {n: tuple(sorted(h)) for n, h in hands.items()}
-
-
-def public_texts(path: str) -> list[str]:
-    """The ``text`` column of an unlabelled CSV/JSONL (the k-means start's public data)."""
-    from datasets import Dataset
-
-    file = Path(path)
-    if not file.exists():
-        raise ConfigError(f"expert-routing: kmeans-data file not found: {path}")
-    table = Dataset.from_csv(str(file)) if file.suffix == ".csv" else Dataset.from_json(str(file))
-    if "text" not in table.column_names:
-        raise ConfigError(f"expert-routing: kmeans-data {path} has no 'text' column "
-                          f"(has {table.column_names})")
-    return [str(t) for t in table["text"]]

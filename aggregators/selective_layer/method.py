@@ -1,7 +1,7 @@
 """Selective layer fine-tuning (Sun et al., 2024): each client trains a few transformer blocks.
 
 Client (:class:`SelectiveLayerClient`): before local training, ``prepare`` groups the
-LoRA tensors by transformer block (:mod:`.layer_selection`), resolves the node's budget
+LoRA tensors by transformer block (:mod:`.layers`), resolves the node's budget
 (node config ``max-layers``, else the ``budgets`` option by ``partition-id``), scores
 the blocks by the squared norm of their LoRA gradient on the probe batches when the
 policy needs it, chooses at most ``budget`` blocks with the run's ``policy`` and freezes
@@ -14,7 +14,7 @@ averaged over the clients that updated it, weighted by examples; a block nobody
 updated stays unchanged" because a client only sends what it trained. For the
 ``regulated`` policy the server keeps every node's latest scores and budget and, in
 :meth:`instructions`, assigns this round's clients their blocks with
-:func:`.layer_selection.regulate`. The scores come from a node's previous
+:func:`.regulate.regulate`. The scores come from a node's previous
 participation (one round stale, which saves a second round trip per round); in round 1,
 for a node not seen yet, or after a resume (scores are not checkpointed), the client
 falls back to ``gradient`` and reports that it did.
@@ -35,19 +35,12 @@ from typing import Any
 import torch
 
 from pollinate.aggregators.base import AggregationError, Aggregator, ClientPart, ClientUpdate
-from pollinate.aggregators.layer_selection import (
-    POLICIES,
-    SelectionInput,
-    SelectionOptions,
-    block_of,
-    check_budget,
-    client_budget,
-    disagreement,
-    layer_importance,
-    regulate,
-    transformer_layers,
-)
 from pollinate.aggregators.lora_math import derive_seed
+from pollinate.aggregators.selective_layer.config import SelectionOptions, check_budget, client_budget
+from pollinate.aggregators.selective_layer.heatmap import selection_heatmap
+from pollinate.aggregators.selective_layer.layers import block_of, layer_importance, transformer_layers
+from pollinate.aggregators.selective_layer.policies import POLICIES, SelectionInput
+from pollinate.aggregators.selective_layer.regulate import disagreement, regulate
 from pollinate.data import Encoded
 from pollinate.modeling import AdapterModel
 from pollinate.spec import Tensors
@@ -70,7 +63,7 @@ class SelectiveLayerClient(ClientPart):
     def __init__(self, options: Mapping[str, Any], instructions: Mapping[str, Any],
                  node: Mapping[str, Any] | None = None):
         super().__init__(options, instructions, node)
-        self.selection = SelectionOptions.parse(self.options)
+        self.selection = SelectionOptions.from_options(self.options, SelectiveLayer.name)
         self._report: dict[str, bool | int | float | str] = {}
 
     def prepare(self, model: AdapterModel, data: Encoded,
@@ -97,11 +90,12 @@ class SelectiveLayer(Aggregator):
     """Per-block averaging over the clients that trained each block; regulated selection."""
 
     name = "selective-layer"
+    Options = SelectionOptions
+    config: SelectionOptions
     client_part = SelectiveLayerClient
 
     def __init__(self, **options: Any):
         super().__init__(**options)
-        self.selection = SelectionOptions.parse(options)
         self.blocks: tuple[int, ...] = ()
         self._scores: dict[int, dict[int, float]] = {}  # node -> block -> latest importance
         self._budgets: dict[int, int] = {}  # node -> latest reported budget
@@ -110,18 +104,18 @@ class SelectiveLayer(Aggregator):
     def initial_state(self, model: AdapterModel) -> Tensors:
         """Also validates the adapter and the ``budgets`` option against the model's blocks."""
         self.blocks = tuple(transformer_layers(model))
-        for budget in self.selection.budgets:
-            check_budget(budget, len(self.blocks), "aggregator-options budgets", self.selection.policy)
+        for budget in self.config.budgets:
+            check_budget(budget, len(self.blocks), "aggregator-options budgets", self.config.policy)
         return super().initial_state(model)
 
     def instructions(self, rnd: int, node_ids: Sequence[int]) -> dict[int, dict]:
         out: dict[int, dict] = {
-            node: {"selection_seed": derive_seed(self.name, self.selection.seed, rnd, node)}
+            node: {"selection_seed": derive_seed(self.name, self.config.seed, rnd, node)}
             for node in node_ids}
         known = [n for n in node_ids if n in self._scores and n in self._budgets]
-        if self.selection.policy == "regulated" and known:
+        if self.config.policy == "regulated" and known:
             assigned = regulate({n: self._scores[n] for n in known},
-                                {n: self._budgets[n] for n in known}, self.selection.lam)
+                                {n: self._budgets[n] for n in known}, self.config.lambda_)
             for node, blocks in assigned.items():
                 out[node]["layers"] = _join(blocks)
         return out
@@ -181,29 +175,3 @@ class SelectiveLayer(Aggregator):
         grid = [[m.get(f"{METRIC_PREFIX}{b}", 0.0) for b in blocks] for _, m in rows]
         return [selection_heatmap(grid, [r for r, _ in rows], blocks, directory / HEATMAP)]
 
-
-def selection_heatmap(grid: list[list[float]], rounds: list[int], blocks: list[int], path: Path,
-                      title: str = "clients training each layer") -> Path:
-    """Rounds x layers heatmap of selection counts, each cell annotated with its count."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(blocks), 1.2 + 0.35 * len(rounds)))
-    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0)
-    ax.set_xticks(range(len(blocks)), [str(b) for b in blocks])
-    ax.set_yticks(range(len(rounds)), [str(r) for r in rounds])
-    ax.set_xlabel("transformer layer")
-    ax.set_ylabel("round")
-    ax.set_title(title)
-    bright = 0.6 * max((v for row in grid for v in row), default=0.0)
-    for i, row in enumerate(grid):
-        for j, value in enumerate(row):
-            ax.text(j, i, f"{value:g}", ha="center", va="center", fontsize=8,
-                    color="black" if value > bright else "white")
-    fig.colorbar(image, ax=ax, label="clients")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
