@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from datasets import Dataset
+from datasets import Dataset, disable_progress_bars
 from flwr_datasets.partitioner import (
     DirichletPartitioner,
     IidPartitioner,
@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 from pollinate import tables
 from pollinate.config import ConfigError, RunConfig
 
+disable_progress_bars()  # splits and shuffles of a large file would print bars in every client actor
 GENERATED = ""  # an empty data path selects the built-in generated task
 _TOPICS = {
     0: "goal match team coach season league player score win stadium",
