@@ -90,7 +90,7 @@ def _preflight(config: RunConfig, *, local_data: bool = True) -> RunConfig:
     config = method.settle_config(config, lambda text: console.print(f"[yellow]note:[/] {text}"))
     if local_data:
         table = datalib.train_table(config)
-        datalib.test_table(config, datalib.label_names(table) or None)
+        datalib.test_table(config, datalib.label_names(table))  # the names of the table just read
         if config.num_clients > len(table):
             raise ConfigError(f"more clients ({config.num_clients}) than training examples ({len(table)})")
     if config.out and local_data:

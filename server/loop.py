@@ -108,11 +108,12 @@ class Coordinator:
         if not (config.train_data or config.test_data) and config.num_labels:
             log.warning("no train-data or test-data on the server: rounds are not evaluated")
             return (), config.num_labels, None
-        names = datalib.label_names(datalib.train_table(config)) if config.train_data else ()
-        test = datalib.test_table(config, names or None)
+        train = datalib.train_table(config) if config.train_data else None  # read once
+        names = datalib.label_names(train) if train is not None else ()
+        test = datalib.test_table(config, names if train is not None else None)
         names = names or datalib.label_names(test)
         count = len(names) if names else config.num_labels or datalib.num_labels(
-            test, *([datalib.train_table(config)] if config.train_data else []))
+            test, *([train] if train is not None else []))
         if names and config.num_labels and config.num_labels != len(names):
             raise ConfigError(f"num-labels={config.num_labels} but the data has {len(names)} labels")
         return names, count, test
