@@ -110,6 +110,11 @@ class Aggregator:
     """Whether the method learns through top-k codecs: true for methods that send changes
     (error feedback re-sends what top-k drops); false for methods that send whole fresh
     factors each round, which keeping 10% of the entries destroys (docs/aggregators.md)."""
+    server_optimizer_refusal: ClassVar[str] = ""
+    """Why a server optimizer (``server-optimizer``) must not step on this method's global delta;
+    empty when :meth:`finalize` returns an aggregate of the clients' changes (a pseudo-gradient),
+    as the default weighted mean does. A method whose delta also carries a server-side
+    correction (a re-projection, a balancing step) says why here and the pair is refused."""
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     """The method's options as a dataclass (:mod:`.options`); ``self.config`` holds them parsed.
     A method that declares none (a custom one taking ``**options``) keeps its raw options
@@ -150,6 +155,7 @@ class Aggregator:
         default top-k codec (and ``note`` says so); a top-k codec the user chose is refused
         with the option to change.
         """
+        cls.check_optimizers(config)
         if cls.sparse_wire:
             return config
         changes = {}
@@ -169,6 +175,21 @@ class Aggregator:
                  + ", ".join(f"{k.replace('_', '-')}={v}" for k, v in changes.items())
                  + " (set codec / downlink-codec to choose)")
         return config.replace(**changes)
+
+    @classmethod
+    def check_optimizers(cls, config: RunConfig) -> None:
+        """Refuse ``server-optimizer`` and ``client-optimizer-state`` where this method defeats them."""
+        if config.server_optimizer != "none" and cls.server_optimizer_refusal:
+            raise ConfigError(f"server-optimizer={config.server_optimizer} does not work with aggregator="
+                              f"{config.aggregator}: {cls.server_optimizer_refusal}; set server-optimizer "
+                              "to none or choose another aggregator")
+        if config.client_optimizer_state and not cls.client_part(config.aggregator_option_map,
+                                                                 {}).uses_error_feedback:
+            raise ConfigError("client-optimizer-state=true does not work with aggregator="
+                              f"{config.aggregator}: its clients train freshly initialised LoRA "
+                              "factors every round, so last round's optimizer state belongs to other "
+                              "parameters; set client-optimizer-state to false or choose another "
+                              "aggregator")
 
     # -- what the model and the global state are -------------------------------------
 

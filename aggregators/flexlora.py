@@ -94,6 +94,10 @@ class FlexLoRA(Aggregator):
     name = "flexlora"
     Options = MethodOptions  # seed only
     sparse_wire = False
+    server_optimizer_refusal = ("its global delta is the mean of the clients' products minus the global "
+                                "adapter, which includes what each client's SVD truncation dropped: a "
+                                "re-projection, not an average of client changes, that momentum or "
+                                "adaptive scaling would amplify")
     client_part = FlexLoRAClient
 
     def initial_state(self, model: AdapterModel) -> Tensors:

@@ -1,7 +1,9 @@
 """A plain-Flower FedAvg-LoRA baseline, written the way FlowerTune's template is.
 
 This is what Pollinate is measured against in the foundation benchmark. The
-ServerApp runs Flower's built-in ``flwr.serverapp.strategy.FedAvg`` over the full
+ServerApp runs Flower's built-in ``flwr.serverapp.strategy.FedAvg`` (or, for the
+config's ``server-optimizer``, Flower's own FedAvgM / FedAdam / FedYogi / FedAdagrad
+with the same hyperparameters: :func:`strategy_for`) over the full
 fp32 adapter state (LoRA factors and classification head) sent as one ArrayRecord,
 with centralised evaluation every round through ``strategy.start(evaluate_fn=...)``.
 The ClientApp does what the FlowerTune (``flwr new``) LLM template's client does:
@@ -18,6 +20,7 @@ so both systems train on identical examples.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -29,14 +32,15 @@ from datasets import Dataset
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch.utils.data import DataLoader, TensorDataset
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
 from pollinate import data as datalib
 from pollinate.config import ConfigError, RunConfig
-from pollinate.modeling import default_model_path, resolve_targets
+from pollinate.modeling import ModelSpec, _base_model, default_model_path, load_tokenizer, resolve_targets
+from pollinate.server.optimizers import server_optimizer
 
 HEAD = "classifier"
 EVAL_BATCH_SIZE = 64  # the same as pollinate.evaluation.evaluate's default
@@ -45,20 +49,26 @@ app = ClientApp()
 
 
 def model_path(config: RunConfig) -> str:
-    if config.task != "classification" or config.model.startswith("random:"):
-        raise ConfigError("the Flower baseline runs text classification on a pretrained model only")
+    if config.task != "classification":
+        raise ConfigError("the Flower baseline runs text classification only")
     return config.model or default_model_path()
 
 
 def get_model(config: RunConfig, num_labels: int) -> PeftModel:
     """Base model + LoRA on the target modules + a trainable head (peft ``modules_to_save``).
 
-    Seeded as Pollinate seeds its model, so both systems start from the same weights.
+    Seeded as Pollinate seeds its model, so both systems start from the same weights; a
+    ``random:`` model (``random:bert-tiny``, for the throughput benchmark) is built as
+    Pollinate builds it.
     """
+    path = model_path(config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        base = AutoModelForSequenceClassification.from_pretrained(
-            model_path(config), num_labels=num_labels, local_files_only=True)
+        if path.startswith("random:"):
+            base = _base_model(ModelSpec.from_config(config, num_labels), len(get_tokenizer(config)))
+        else:
+            base = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels, local_files_only=True)
         lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=resolve_targets(base, tuple(config.target_module_list)),
                           modules_to_save=[HEAD])
@@ -66,7 +76,7 @@ def get_model(config: RunConfig, num_labels: int) -> PeftModel:
 
 
 def get_tokenizer(config: RunConfig) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(model_path(config), local_files_only=True)
+    return load_tokenizer(model_path(config))
 
 
 def tokenize(table: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> TensorDataset:
@@ -89,15 +99,17 @@ def load_partition(config_json: str, partition_id: int, num_partitions: int) -> 
 
 
 def fit(model: PeftModel, data: TensorDataset, config: RunConfig, seed: int) -> float:
-    """A standard loop: AdamW, gradient clipping, ``local-epochs`` shuffled epochs. Mean loss."""
+    """A standard loop: AdamW, gradient clipping, ``local-steps`` steps if set, else ``local-epochs``
+    shuffled epochs. Mean loss."""
     loader = DataLoader(data, batch_size=config.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
     model.train()
     total, steps = 0.0, 0
-    for _ in range(config.local_epochs):
-        for input_ids, attention_mask, labels in loader:
+    limit = config.local_steps or config.local_epochs * len(loader)
+    while steps < limit:
+        for input_ids, attention_mask, labels in itertools.islice(loader, limit - steps):
             loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
             loss.backward()
             if config.max_grad_norm > 0:
@@ -141,8 +153,29 @@ def train(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 
+def strategy_for(config: RunConfig) -> FedAvg:
+    """Flower's strategy for the config's ``server-optimizer``, with Pollinate's hyperparameters.
+
+    none: FedAvg; avgm: FedAvgM; adam: FedAdam; yogi: FedYogi; adagrad: FedAdagrad, which
+    has no first-moment decay (Pollinate's adagrad is the same with ``server-momentum=0``).
+    """
+    common: dict[str, Any] = dict(fraction_train=config.fraction_train, fraction_evaluate=0.0,
+                                  min_train_nodes=config.min_train_nodes,
+                                  min_available_nodes=config.num_clients)
+    rate = server_optimizer(config).learning_rate
+    adaptive = dict(eta=rate, eta_l=config.learning_rate, tau=config.server_tau)
+    moments = dict(beta_1=config.server_momentum, beta_2=config.server_beta2)
+    return {"none": lambda: FedAvg(**common),
+            "avgm": lambda: FedAvgM(**common, server_learning_rate=rate,
+                                    server_momentum=config.server_momentum),
+            "adam": lambda: FedAdam(**common, **adaptive, **moments),
+            "yogi": lambda: FedYogi(**common, **adaptive, **moments),
+            "adagrad": lambda: FedAdagrad(**common, **adaptive)}[config.server_optimizer]()
+
+
 def make_server_app(config: RunConfig, rounds: list[dict[str, Any]]) -> ServerApp:
-    """FedAvg for ``num-server-rounds``; appends one record per evaluated round to ``rounds``.
+    """Flower's strategy (:func:`strategy_for`) for ``num-server-rounds``; appends one record per
+    evaluated round to ``rounds``.
 
     A record's ``seconds`` is the wall time since the previous evaluation ended (the
     round's training, aggregation and evaluation); ``t_end`` is ``time.monotonic()``
@@ -168,8 +201,7 @@ def make_server_app(config: RunConfig, rounds: list[dict[str, Any]]) -> ServerAp
             last[0] = now
             return MetricRecord(metrics)
 
-        strategy = FedAvg(fraction_train=config.fraction_train, fraction_evaluate=0.0,
-                          min_train_nodes=config.min_train_nodes, min_available_nodes=config.num_clients)
+        strategy = strategy_for(config)
         settings = ConfigRecord({"run-config": config.to_json(), "num-labels": num_labels})
         result = strategy.start(grid, initial, num_rounds=config.num_server_rounds,
                                 timeout=config.round_timeout, train_config=settings, evaluate_fn=evaluate)

@@ -2,8 +2,9 @@
 
 A script keeps what is its own (its systems, its run config, its row, its plot and
 notes) and hands the rest to this module: the shared scenario options
-(:func:`federation_arguments`), federations reused when an identical one already
-finished (:func:`simulate_cached`), the run loop with progress (:func:`run_each`), the
+(:func:`federation_arguments`, :func:`dataset_arguments`), federations reused when an
+identical one already finished (:func:`simulate_cached`, :func:`keyed_out`; other runs'
+curves: :func:`cached_curve`), the run loop with progress (:func:`run_each`), the
 terminal table (:func:`rich_table`) and publishing (:func:`finish` / :func:`publish`):
 ``RESULTS/NAME.json`` as ``{"machine", "date", "command", "rows"}``, the PNG beside it,
 and the benchmark's block of ``docs/benchmarks.md``, regenerated from the same rows,
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import fcntl
+import hashlib
 import json
 import os
 import platform
@@ -136,10 +138,24 @@ def publishing_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     return parser
 
 
+def dataset_arguments(parser: argparse.ArgumentParser, datasets: Sequence[str],
+                      seeds: str = "0,1") -> argparse.ArgumentParser:
+    """``--datasets`` and ``--seeds`` of a benchmark whose rows are means over seeds, per dataset;
+    :func:`parse_arguments` splits them into ``args.dataset_list`` and ``args.seed_list``."""
+    parser.add_argument("--datasets", default=",".join(datasets), help="comma-separated, in ../shared/data")
+    parser.add_argument("--seeds", default=seeds, help="comma-separated seeds; rows are means over them")
+    parser.set_defaults(dataset_list=(), seed_list=())  # filled in by parse_arguments
+    return parser
+
+
 def parse_arguments(parser: argparse.ArgumentParser, datasets: Sequence[str] = ("ag_news",)
                     ) -> argparse.Namespace:
-    """The parsed command line, once the real ``datasets`` the benchmark reads are known to be there."""
+    """The parsed command line, once the real datasets the benchmark reads (``--datasets`` where
+    :func:`dataset_arguments` added it, else ``datasets``) are known to be there."""
     args = parser.parse_args()
+    if "seed_list" in args:
+        args.dataset_list = datasets = args.datasets.split(",")
+        args.seed_list = [int(s) for s in args.seeds.split(",")]
     if not all((DATA / name / "train.csv").exists() for name in datasets):
         raise SystemExit(f"datasets not found under {DATA}")
     return args
@@ -162,7 +178,17 @@ def finished(config: RunConfig) -> dict[str, Any] | None:
     path = Path(config.out) / "summary.json"
     summary = json.loads(path.read_text()) if path.exists() else {}
     done = len(summary.get("rounds", [])) == config.num_server_rounds + 1
-    return summary if done and summary["config"] == json.loads(config.to_json()) else None
+    return summary if done and same_run(summary["config"], config) else None
+
+
+PLACES = ("out", "node-state-dir")  # where a run keeps its files: the launcher fills them in
+
+
+def same_run(saved: dict[str, Any], config: RunConfig) -> bool:
+    """Whether ``saved`` (a stored run's config) is ``config``'s run; the places it wrote to aside
+    (``out`` may be given relative or absolute, ``node-state-dir`` is set by the launcher)."""
+    return {k: v for k, v in saved.items() if k not in PLACES} == {
+        k: v for k, v in json.loads(config.to_json()).items() if k not in PLACES}
 
 
 def simulate_cached(config: RunConfig, reuse: bool, **launch: Any) -> dict[str, Any]:
@@ -176,6 +202,30 @@ def simulate_cached(config: RunConfig, reuse: bool, **launch: Any) -> dict[str, 
     return simulate(config, **launch)
 
 
+def keyed_out(config: RunConfig, runs: str, name: str, kind: str = "pollinate") -> RunConfig:
+    """``config`` writing to ``RUNS/NAME-KIND-HASH``, the hash of ``kind`` and the whole config: equal
+    runs share a directory (and so a cache entry), different ones never do."""
+    key = hashlib.sha256(f"{kind} {config.to_json()}".encode()).hexdigest()[:10]
+    return config.replace(out=str(Path(runs) / f"{name}-{kind}-{key}"), overwrite=True)
+
+
+def cached_curve(config: RunConfig,
+                 compute: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The per-round records of a run that is not a Pollinate federation (the Flower baseline,
+    centralised training), from ``out/curve.json`` if that holds the same config, else computed
+    and stored there."""
+    path = Path(config.out) / "curve.json"
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if same_run(stored["config"], config):
+            console.print(f"reusing the finished run in {config.out}")
+            return stored["curve"]
+    curve = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"config": json.loads(config.to_json()), "curve": curve}))
+    return curve
+
+
 def run_each(runs: Sequence[Run], label: Callable[[Run], str], run: Callable[[Run], dict[str, Any]],
              outcome: Callable[[dict[str, Any]], str]) -> list[dict[str, Any]]:
     """One row per run, in order, with a progress rule before and a one-line ``outcome`` after each."""
@@ -185,6 +235,18 @@ def run_each(runs: Sequence[Run], label: Callable[[Run], str], run: Callable[[Ru
         rows.append(run(item))
         console.print(f"[green]{label(item)}[/]: {outcome(rows[-1])}")
     return rows
+
+
+def dataset_panels(rows: Sequence[dict[str, Any]], height: float) -> tuple[Any, list[tuple[Any, str]]]:
+    """A figure with one panel per dataset of ``rows``, side by side: ``(figure, [(axes, dataset)])``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = sorted({r["dataset"] for r in rows})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), height), squeeze=False)
+    return fig, list(zip(axes[0], datasets, strict=True))
 
 
 def save_figure(fig: Any, path: Path) -> Path:

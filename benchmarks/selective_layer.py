@@ -164,14 +164,8 @@ def compare_to_all(rows: list[dict[str, Any]]) -> None:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    datasets = sorted({r["dataset"] for r in rows})
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.2), squeeze=False)
-    for ax, dataset in zip(axes[0], datasets, strict=True):
+    fig, panels = harness.dataset_panels(rows, 4.2)
+    for ax, dataset in panels:
         for row in (r for r in rows if r["dataset"] == dataset):
             sent, xs, ys = 0, [], []
             for _, accuracy, up in row["curve"]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+import time
 from typing import Any
 
 import torch
@@ -34,10 +36,18 @@ from pollinate.spec import Tensors
 from .privacy import ClientPrivacy
 from .session import NodeSettings, data_key, local_data, model_for, seeded_initial
 from .state import NodeMemory
-from .trainer import train
+from .trainer import (
+    load_optimizer_state,
+    make_optimizer,
+    optimizer_state,
+    optimizer_steps,
+    round_learning_rate,
+    train,
+)
 
 log = logging.getLogger("pollinate.client")
 app = ClientApp()
+OPTIMIZER_STATE = "optimizer"  # NodeMemory.extra key of the local optimizer's state (client-optimizer-state)
 
 
 def rebuild_anchor(aggregator_cls: type[Aggregator], options: dict[str, Any], order: TrainInstruction,
@@ -72,10 +82,25 @@ def handle_train(msg: Message, context: Context) -> Message:
         log.warning("round failed on this node: %s", reason)
         log.debug("traceback", exc_info=True)
         return Message(error=Error(code=CLIENT_FAILURE, reason=reason), reply_to=msg)
+    reply.report = {**reply.report, **ray_node()}
     return Message(reply.to_record(), reply_to=msg)
 
 
+def ray_node() -> dict[str, str]:
+    """``{"ray-node": id}`` of the Ray node this client runs on, or ``{}`` outside Ray.
+
+    The server records it with the client's metrics, so metrics.jsonl shows which machine of
+    a Ray cluster ran each client (docs/deployment.md, "Simulating across machines"). Ray is
+    only looked at where it is already imported: a deployed ClientApp never imports it.
+    """
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return {}
+    return {"ray-node": ray.get_runtime_context().get_node_id()}
+
+
 def run_round(order: TrainInstruction, context: Context) -> TrainReply:
+    started, clock = time.time(), time.perf_counter()  # reported for the server's round profile
     config = order.config
     node = NodeSettings.from_node_config(dict(context.node_config), config)
     memory = NodeMemory.load(context.state)
@@ -101,6 +126,7 @@ def run_round(order: TrainInstruction, context: Context) -> TrainReply:
     held = {} if base == EMPTY_VERSION else memory.held_state
     memory.held_state = add(held, part.unpack_downlink(down.tensors))
     memory.held_version = down.header.target_version
+    decoded = time.perf_counter()
 
     data = local_data(data_key(config), node.data_path, node.partition_id, node.num_partitions,
                       order.labels)
@@ -112,9 +138,17 @@ def run_round(order: TrainInstruction, context: Context) -> TrainReply:
     part.load_global(model, memory.held_state)
     part.prepare(model, data, _probe_batches(model, data, config, seed))
     start = model.adapter_state()
-    result = privacy.train(model, data) if config.dp == "sample" else train(model, data, config, seed)
+    training = config.replace(learning_rate=round_learning_rate(config, order.round))
+    optimizer = make_optimizer(model, training)
+    if config.client_optimizer_state:
+        load_optimizer_state(optimizer, model, memory.extra.get(OPTIMIZER_STATE))
+    result = (privacy.train(model, data, optimizer) if config.dp == "sample"
+              else train(model, data, training, seed, optimizer))
+    if config.client_optimizer_state:
+        memory.extra[OPTIMIZER_STATE] = optimizer_state(optimizer, model, memory.extra.get(OPTIMIZER_STATE))
     update = privacy.privatize(part.update(model, start))  # clip + noise before error feedback/codec
 
+    encoding = time.perf_counter()
     use_feedback = config.error_feedback and part.uses_error_feedback
     feedback = ErrorFeedback(memory.residual) if use_feedback else None
     header = DeltaHeader(run_id=context.run_id, round=order.round,
@@ -125,9 +159,15 @@ def run_round(order: TrainInstruction, context: Context) -> TrainReply:
                             max_payload_bytes=config.max_payload_bytes).tensors)
     if feedback is not None:
         memory.residual = feedback.residual
-    memory.store(context.state)
+    encoded = time.perf_counter()
+    memory.store(context.state, config.node_state_dir, context.node_id)
     metrics = {"train-loss": result.loss, "train-seconds": result.seconds, "steps": result.steps,
                "rank": node.rank, "alpha": config.lora_alpha, "bytes-down": len(order.payload),
+               "learning-rate": training.learning_rate,
+               **({"optimizer-steps": optimizer_steps(memory.extra[OPTIMIZER_STATE])}
+                  if config.client_optimizer_state else {}),
+               "decode-seconds": decoded - clock, "encode-seconds": encoded - encoding,
+               "client-started": started, "client-seconds": time.perf_counter() - clock,
                **privacy.metrics()}
     return TrainReply("ok", payload, len(data), memory.held_version, metrics, part.report())
 

@@ -82,9 +82,15 @@ class ClientPrivacy:
                 f"{self.config.delta:g}; another round ({plan.steps} steps, noise multiplier "
                 f"{plan.noise:.4g}) would exceed target-epsilon {self.config.target_epsilon:g}")
 
-    def train(self, model: AdapterModel, data: Encoded) -> TrainResult:
-        """DP-SGD (``dp=sample``) for this round's plan, recorded in the node's accountant."""
-        result = train_private(model, data, self.config, self.plan, self.budget)
+    def train(self, model: AdapterModel, data: Encoded,
+              optimizer: torch.optim.Optimizer | None = None) -> TrainResult:
+        """DP-SGD (``dp=sample``) for this round's plan, recorded in the node's accountant.
+
+        ``optimizer`` (default: a fresh one) is wrapped by opacus for the round; the state it
+        keeps is computed from noised gradients only, so keeping it (``client-optimizer-state``)
+        is post-processing and costs no privacy.
+        """
+        result = train_private(model, data, self.config, self.plan, self.budget, optimizer)
         self.memory.extra[ACCOUNTANT] = self.budget.to_bytes()
         return result
 
@@ -107,14 +113,14 @@ class ClientPrivacy:
 
 
 def train_private(model: AdapterModel, data: Encoded, config: RunConfig, plan: Plan,
-                  budget: Budget) -> TrainResult:
+                  budget: Budget, optimizer: torch.optim.Optimizer | None = None) -> TrainResult:
     """``plan.steps`` DP-SGD steps on Poisson batches (opacus' sampler), in float32."""
     net = model.model
     net.train()
     sampler = UniformWithReplacementSampler(num_samples=len(data), sample_rate=plan.sample_rate,
                                             generator=secret_generator(), steps=plan.steps)
     loss_sum, examples, start = 0.0, 0, time.perf_counter()
-    with private_optimizer(model, make_optimizer(model, config), noise=plan.noise,
+    with private_optimizer(model, optimizer or make_optimizer(model, config), noise=plan.noise,
                            max_grad_norm=config.max_grad_norm, expected_batch_size=plan.expected_batch_size,
                            budget=budget, sample_rate=plan.sample_rate) as optimizer:
         for indices in sampler:

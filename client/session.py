@@ -75,7 +75,8 @@ def local_data(config_json: str, data_path: str, partition_id: int | None,
 
 @lru_cache(maxsize=2)
 def shared_table(config_json: str) -> Dataset:
-    """The table simulated clients partition, read once per process, not once per virtual client."""
+    """The table simulated clients partition, read once per process, not once per virtual client
+    (and, being one object, split once: :func:`pollinate.partitions.split` caches per table)."""
     return datalib.train_table(RunConfig.from_json(config_json))
 
 

@@ -1,5 +1,9 @@
 """Local training of the trainable adapter tensors: AdamW, epochs or steps, clipping, autocast.
 
+The round's learning rate follows ``lr-schedule`` and ``lr-warmup-rounds``
+(:func:`round_learning_rate`); with ``client-optimizer-state`` the optimizer's state
+outlives the round as bytes in the node's memory (:func:`optimizer_state`).
+
 One trainer for CPU and GPU; what differs (device, precision) is chosen from the config.
 Batches are length-bucketed and dynamically padded, so no compute goes to padding (on
 AG News with ``max-length`` 64 that is about a quarter of it). ``auto`` stays fp32 on
@@ -16,6 +20,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from safetensors.torch import load, save
 
 from pollinate.config import RunConfig
 from pollinate.data import Encoded, batches
@@ -59,6 +64,70 @@ def make_optimizer(model: AdapterModel, config: RunConfig) -> torch.optim.Optimi
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.learning_rate, momentum=SGD_MOMENTUM)
     return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0, fused=fused or None)
+
+
+COSINE_FLOOR = 0.1
+"""Share of ``learning-rate`` the cosine schedule ends at: a last round at rate 0 would cost a
+round of compute and change nothing."""
+
+
+def round_learning_rate(config: RunConfig, rnd: int) -> float:
+    """The local learning rate of round ``rnd`` (from 1): ``learning-rate`` x warm-up x decay.
+
+    Warm-up: round ``r`` of the first ``W`` = ``lr-warmup-rounds`` trains at ``r / W`` of it.
+    ``lr-schedule=cosine``: from round ``W + 1`` (the full rate) half a cosine down to
+    :data:`COSINE_FLOOR` of it at round ``num-server-rounds``. Every node computes it from
+    the round number and the config the server sends, so all agree without more state.
+    """
+    warmup = config.lr_warmup_rounds
+    factor = min(1.0, rnd / warmup) if warmup else 1.0
+    if config.lr_schedule == "cosine" and rnd > warmup:
+        progress = min((rnd - warmup - 1) / max(config.num_server_rounds - warmup - 1, 1), 1.0)
+        factor = COSINE_FLOOR + (1.0 - COSINE_FLOOR) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config.learning_rate * factor
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, model: AdapterModel, previous: bytes | None) -> bytes:
+    """The optimizer's per-tensor state as safetensors bytes, keyed ``<slot>/<adapter tensor name>``.
+
+    Tensors that did not train this round (frozen by the method) keep their entries from
+    ``previous``, so a block trained every other round resumes its own moments.
+    """
+    names = {id(model.parameter(n)): n for n in model.adapter_names}
+    kept = dict(load(previous)) if previous else {}
+    for param, state in optimizer.state.items():
+        name = names.get(id(param))  # every trainable tensor is an adapter tensor; guard anyway
+        for slot, value in state.items():
+            if name is not None and torch.is_tensor(value):
+                kept[f"{slot}/{name}"] = value.detach().to("cpu").contiguous()
+    return save(kept)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, model: AdapterModel, blob: bytes | None) -> None:
+    """Give ``optimizer`` (fresh, over this round's trainable tensors) the state saved by
+    :func:`optimizer_state`; learning rates stay this round's. A tensor without saved state,
+    or whose shape changed, starts fresh."""
+    if not blob:
+        return
+    saved: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in load(blob).items():
+        slot, _, name = key.partition("/")
+        saved.setdefault(name, {})[slot] = value
+    names = {id(model.parameter(n)): n for n in model.adapter_names}
+    for group in optimizer.param_groups:
+        on_device = bool(group.get("fused") or group.get("capturable"))  # else torch keeps "step" on the CPU
+        for param in group["params"]:
+            state = saved.get(names.get(id(param), ""))
+            if state is None or any(v.shape != param.shape for k, v in state.items() if v.dim()):
+                continue
+            optimizer.state[param] = {k: v.to(param.device if v.dim() or on_device else "cpu")
+                                      for k, v in state.items()}
+
+
+def optimizer_steps(blob: bytes) -> int:
+    """The largest per-tensor step count in a saved optimizer state (0 without one)."""
+    steps = [int(v) for k, v in load(blob).items() if k.startswith("step/")] if blob else []
+    return max(steps, default=0)
 
 
 def train(model: AdapterModel, data: Encoded, config: RunConfig, seed: int,

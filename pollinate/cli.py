@@ -45,10 +45,14 @@ def simulate(
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its checkpoint"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace the run in --out"),
     cpus: int = typer.Option(0, help="CPU cores for the simulation engine (0 = all)"),
+    ray_address: str = typer.Option("", help="HOST:PORT (or auto) of a running Ray cluster to run the "
+                                             "clients on (docs/deployment.md); empty = start Ray here"),
+    profile: bool = typer.Option(False, "--profile", help="after the run, print where each round's "
+                                                          "wall time went (from metrics.jsonl)"),
     option: list[str] = typer.Option([], "--set", help="any run-config option, key=value "
                                                        "(`pollinate options` lists them)"),
 ) -> None:
-    """Run a simulated federation on this machine and write its run directory."""
+    """Run a simulated federation on this machine (or a Ray cluster) and write its run directory."""
     from pollinate.server.rundir import fresh_path
     from pollinate.simulations.launch import simulate as run
 
@@ -56,16 +60,21 @@ def simulate(
         "num-clients": clients, "num-server-rounds": rounds, "partition": partition,
         "aggregator": aggregator, "model": model, "train-data": train_data,
         "test-data": test_data, "seed": seed, "out": str(out or fresh_path()), "resume": resume,
-        "overwrite": overwrite,
+        "overwrite": overwrite, "ray-address": ray_address,
     }
     try:
         for item in option:
             values.update(parse_assignment(item, "--set"))
         config = _preflight(RunConfig.from_mapping(values, allow_extra=False))
+        if cpus and config.ray_address:
+            raise ConfigError("--cpus sizes Ray on this machine; the nodes of a Ray cluster have the CPUs "
+                              "each was started with (ray start --num-cpus)")
+        summary = run(config, num_cpus=cpus or None, verbose=DEBUG["on"])  # checks ray-address first
     except ConfigError as err:
         _fail(err)
-    summary = run(config, num_cpus=cpus or None, verbose=DEBUG["on"])
     _print_summary(summary, Path(config.out))
+    if profile:
+        _print_profile(Path(config.out))
 
 
 def _preflight(config: RunConfig, *, local_data: bool = True) -> RunConfig:
@@ -75,6 +84,7 @@ def _preflight(config: RunConfig, *, local_data: bool = True) -> RunConfig:
     (``local_data``: the data lives on this machine) data files, labels and sizes.
     """
     from pollinate import data as datalib
+    from pollinate import partitions
     from pollinate.aggregators import UnknownAggregator, resolve
     from pollinate.server.rundir import RunDirectory, check_reuse
 
@@ -93,6 +103,8 @@ def _preflight(config: RunConfig, *, local_data: bool = True) -> RunConfig:
         datalib.test_table(config, datalib.label_names(table))  # the names of the table just read
         if config.num_clients > len(table):
             raise ConfigError(f"more clients ({config.num_clients}) than training examples ({len(table)})")
+        if config.partition != "iid":  # a split that cannot work fails here; the server states a repair
+            partitions.split(config, table, config.num_clients)
     if config.out and local_data:
         check_reuse(config.out, resume=config.resume, overwrite=config.overwrite)
         RunDirectory(config.out)  # a directory that cannot be written fails here, not in round 1
@@ -150,6 +162,23 @@ def _print_summary(summary: dict, out: Path) -> None:
     console.print(table)
     console.print(f"adapter: {out / 'adapter'}   plots: {', '.join(summary.get('plots', []))}   "
                   f"log: {out / 'server.log'}", highlight=False, soft_wrap=True)
+
+
+def _print_profile(out: Path) -> None:
+    """Mean seconds per round and share of round wall time of each component of the round profile."""
+    from pollinate.server.profile import summarize
+    from pollinate.server.rundir import RunDirectory
+
+    table = Table(title=f"Round profile - {out / 'metrics.jsonl'}")
+    for column in ("component", "seconds per round", "share of round time"):
+        table.add_column(column, justify="left" if column == "component" else "right")
+    for row in summarize(RunDirectory(out).read_metrics()):
+        if row["component"] == "overhead":
+            table.add_section()
+        table.add_row(row["component"], f"{row['seconds']:.4f}", f"{row['share']:.1%}")
+    console.print(table)
+    console.print("overhead = everything but local training (train) and evaluation (evaluate); "
+                  "transport = waiting on clients while none computed (docs/benchmarks.md)", highlight=False)
 
 
 # -- deploy: Flower's deployment engine (docs/deployment.md) ---------------------------

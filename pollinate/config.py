@@ -28,6 +28,8 @@ TASKS = ("classification", "causal-lm")
 PARTITIONS = ("iid", "dirichlet", "classes")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
+SERVER_OPTIMIZERS = ("none", "avgm", "adam", "yogi", "adagrad")
 DP_MODES = ("none", "sample", "client-central", "client-local")
 DATA_FORMATS = ("auto", "prompt-response", "alpaca", "messages")
 BASE_DTYPES = ("fp32", "bf16")
@@ -48,9 +50,12 @@ class RunConfig:
     fraction_train: float = option(1.0, "share of connected nodes sampled each round, in (0, 1]")
     min_train_nodes: int = option(2, "nodes to wait for before a round starts")
     round_timeout: float = option(600.0, "seconds to wait for the sampled nodes' replies")
+    ray_address: str = option("", "pollinate simulate: HOST:PORT (or auto) of a running Ray cluster to "
+                                  "run the clients on; empty = start Ray on this machine")
     # task, model and data
     task: str = option("classification", "classification or causal-lm", TASKS)
-    model: str = option("", "model path, or random:llama-tiny; empty = the bundled all-MiniLM-L6-v2")
+    model: str = option("", "model path, random:llama-tiny or (classification) random:bert-tiny; "
+                            "empty = the bundled all-MiniLM-L6-v2")
     train_data: str = option("", "training table (CSV, JSONL or saved dataset); empty = generated task")
     test_data: str = option("", "held-out table the server scores; empty = test-fraction of train-data")
     test_fraction: float = option(0.1, "share of train-data held out for the server when test-data is "
@@ -98,10 +103,27 @@ class RunConfig:
     batch_size: int = option(32, "local batch size")
     learning_rate: float = option(3e-3, "local learning rate")
     optimizer: str = option("adamw", "local optimizer; sgd uses momentum 0.9 (docs/privacy.md)", OPTIMIZERS)
+    client_optimizer_state: bool = option(False, "keep each node's local optimizer state (AdamW moments) "
+                                                 "across its rounds instead of a fresh one per round")
+    lr_schedule: str = option("constant", "learning rate across rounds: cosine decays it to 10% by the "
+                                          "last round (after any warm-up)", LR_SCHEDULES)
+    lr_warmup_rounds: int = option(0, "rounds whose learning rate rises linearly to learning-rate "
+                                      "(round r of W: r/W of it)")
     max_grad_norm: float = option(1.0, "gradient clipping norm (0 = off); the per-sample clip of dp=sample")
     precision: str = option("auto", "autocast precision; auto = bf16 on GPUs, fp32 on CPUs", PRECISIONS)
     device: str = option("auto", "cpu, cuda, cuda:1, mps or auto")
     seed: int = option(0, "seed for data, partitions, model init and sampling")
+    # server optimizer (docs/aggregators.md, "Server optimizers")
+    server_optimizer: str = option("none", "optimizer the server applies to each round's global delta: "
+                                           "avgm = momentum, adam / yogi / adagrad (Reddi et al. 2021)",
+                                   SERVER_OPTIMIZERS)
+    server_learning_rate: float = option(0.0, "server step size (0 = the optimizer's default: 1 for avgm, "
+                                              "0.01 for adam, yogi, adagrad)")
+    server_momentum: float = option(0.9, "server beta_1: momentum of avgm, first-moment decay of adam, "
+                                         "yogi and adagrad, in [0, 1)")
+    server_beta2: float = option(0.99, "server beta_2: second-moment decay of adam and yogi, in [0, 1)")
+    server_tau: float = option(1e-3, "server tau: adaptivity floor added to sqrt(v) (adam, yogi, "
+                                     "adagrad), > 0")
     # differential privacy (docs/privacy.md)
     dp: str = option("none", "differential privacy: sample (DP-SGD), client-central or client-local",
                      DP_MODES)
@@ -127,6 +149,9 @@ class RunConfig:
     out: str = option("", "run directory; empty = a fresh runs/<date>-<time>[-run<id>]")
     resume: bool = option(False, "continue the run whose checkpoint is in out")
     overwrite: bool = option(False, "replace the run in out")
+    node_state_dir: str = option("", "directory where each node keeps its memory between rounds (held "
+                                     "version, residual, accountant) as <node-id>.safetensors; empty = "
+                                     "Flower's Context (pollinate simulate: <out>/nodes)")
     target_accuracy: float = option(0.0, "accuracy whose rounds, seconds and bytes to reach summary.json "
                                          "reports (0 = none)")
     num_labels: int = option(0, "label count (0 = from the data); a deployed server without data needs it")
@@ -245,6 +270,9 @@ class RunConfig:
             raise ConfigError(f"target-accuracy must be in [0, 1], got {self.target_accuracy}")
         if not 0.0 < self.test_fraction < 1.0:
             raise ConfigError(f"test-fraction must be in (0, 1), got {self.test_fraction}")
+        if self.ray_address not in ("", "auto") and split_host_port(self.ray_address) is None:
+            raise ConfigError(f"ray-address must be HOST:PORT (the address `ray start --head` prints) or "
+                              f"auto, got {self.ray_address!r}")
         if self.resume and self.overwrite:
             raise ConfigError("give at most one of resume and overwrite")
         if not self.target_module_list:
@@ -259,6 +287,7 @@ class RunConfig:
         self.aggregator_option_map  # noqa: B018 - parse now so a bad string fails fast
         self._check_causal_lm()
         self._check_privacy()
+        self._check_optimizers()
 
     def _check_causal_lm(self) -> None:
         for name in ("eval_generate", "loss_chunk_size"):
@@ -277,6 +306,30 @@ class RunConfig:
                 if getattr(self, name) != off:
                     raise ConfigError(f"{_key(name)}={getattr(self, name)} does not work with "
                                       "dp=sample (opacus needs the plain model's per-sample hooks)")
+
+    def _check_optimizers(self) -> None:
+        if self.lr_warmup_rounds < 0:
+            raise ConfigError(f"lr-warmup-rounds must be >= 0, got {self.lr_warmup_rounds}")
+        if self.lr_warmup_rounds >= self.num_server_rounds:
+            raise ConfigError(f"lr-warmup-rounds={self.lr_warmup_rounds} must be below num-server-rounds="
+                              f"{self.num_server_rounds} (the run would never train at learning-rate)")
+        if self.server_learning_rate < 0:
+            raise ConfigError(f"server-learning-rate must be >= 0 (0 = the optimizer's default), "
+                              f"got {self.server_learning_rate}")
+        for name in ("server_momentum", "server_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{_key(name)} must be in [0, 1), got {getattr(self, name)}")
+        if self.server_tau <= 0:
+            raise ConfigError(f"server-tau must be > 0, got {self.server_tau}")
+        defaults = {f.name: f.default for f in fields(RunConfig)}
+        uses = {"server_learning_rate": SERVER_OPTIMIZERS[1:], "server_momentum": SERVER_OPTIMIZERS[1:],
+                "server_beta2": ("adam", "yogi"), "server_tau": ("adam", "yogi", "adagrad")}
+        for name, optimizers in uses.items():
+            if getattr(self, name) != defaults[name] and self.server_optimizer not in optimizers:
+                raise ConfigError(f"{_key(name)}={getattr(self, name)} has no effect with server-optimizer="
+                                  f"{self.server_optimizer}; it is for server-optimizer "
+                                  f"{', '.join(optimizers[:-1])}{' or ' if optimizers[1:] else ''}"
+                                  f"{optimizers[-1]}")
 
     def _check_privacy(self) -> None:
         if not self.target_epsilon > 0:
@@ -349,6 +402,17 @@ def parse_assignment(item: str, option: str) -> dict[str, Any]:
         return {key: json.loads(raw)}
     except json.JSONDecodeError:
         return {key: raw}
+
+
+_HOST_PORT = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):(?P<port>[0-9]{1,5})")
+
+
+def split_host_port(address: str) -> tuple[str, int] | None:
+    """``HOST:PORT`` (an IPv6 host in brackets) as ``(host, port)``; ``None`` if it is not one."""
+    match = _HOST_PORT.fullmatch(address)
+    if match is None or not 0 < int(match["port"]) < 65536:
+        return None
+    return match["host"].strip("[]"), int(match["port"])
 
 
 def option_names() -> list[str]:

@@ -4,7 +4,8 @@ Data never leaves a client; only its size and metrics do. Tables are CSV, JSONL 
 ``datasets`` dataset saved to disk, with ``text,label`` (classification) or
 ``prompt,response`` (causal LM) columns (names configurable). Partitioning uses the
 flwr-datasets partitioners on the local table so that simulated clients get the same
-label skews as the literature (IID, Dirichlet(alpha), k classes per client).
+label skews as the literature (IID, Dirichlet(alpha), k classes per client), computed once
+per table (:mod:`pollinate.partitions`).
 """
 
 from __future__ import annotations
@@ -15,15 +16,9 @@ from dataclasses import dataclass
 
 import torch
 from datasets import Dataset, disable_progress_bars
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    Partitioner,
-    PathologicalPartitioner,
-)
 from transformers import PreTrainedTokenizerBase
 
-from pollinate import tables
+from pollinate import partitions, tables
 from pollinate.config import ConfigError, RunConfig
 
 disable_progress_bars()  # splits and shuffles of a large file would print bars in every client actor
@@ -142,35 +137,12 @@ def num_labels(*tables_: Dataset) -> int:
     return len(names) if names else max(max(t["label"]) for t in tables_ if len(t)) + 1
 
 
-def partitioner(config: RunConfig, num_partitions: int) -> Partitioner:
-    """The flwr-datasets partitioner named by ``partition``."""
-    if config.partition == "iid":
-        return IidPartitioner(num_partitions=num_partitions)
-    if config.task != "classification":
-        raise ConfigError(f"partition {config.partition!r} needs labels; use 'iid' for causal-lm")
-    if config.partition == "dirichlet":
-        return DirichletPartitioner(num_partitions=num_partitions, partition_by="label",
-                                    alpha=config.dirichlet_alpha, min_partition_size=1,
-                                    self_balancing=False, seed=config.seed)
-    return PathologicalPartitioner(num_partitions=num_partitions, partition_by="label",
-                                   num_classes_per_partition=config.classes_per_client,
-                                   class_assignment_mode="first-deterministic", seed=config.seed)
-
-
 def client_table(config: RunConfig, table: Dataset, partition_id: int, num_partitions: int) -> Dataset:
-    """Partition ``partition_id`` of ``table``, capped at ``max-train-examples``."""
-    if num_partitions > len(table):
-        raise ConfigError(f"more clients ({num_partitions}) than training examples ({len(table)})")
+    """Partition ``partition_id`` of ``table`` (see :mod:`.partitions`), capped at ``max-train-examples``."""
     if not 0 <= partition_id < num_partitions:
         raise ConfigError(f"partition-id {partition_id} outside 0..{num_partitions - 1}")
-    if config.task == "classification" and config.partition == "classes":
-        labels = len(set(table["label"]))
-        if config.classes_per_client > labels:
-            raise ConfigError(f"classes-per-client={config.classes_per_client} but the data "
-                              f"has only {labels} labels")
-    parts = partitioner(config, num_partitions)
-    parts.dataset = table
-    return cap_examples(parts.load_partition(partition_id), config, partition_id)
+    rows = partitions.split(config, table, num_partitions).rows[partition_id]
+    return cap_examples(table.select(rows), config, partition_id)
 
 
 def cap_examples(table: Dataset, config: RunConfig, salt: int = 0) -> Dataset:

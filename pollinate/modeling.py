@@ -28,6 +28,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    BertConfig,
     LlamaConfig,
     PreTrainedTokenizerBase,
 )
@@ -54,6 +55,11 @@ RANDOM_LLAMA_SHAPES = {
                      num_key_value_heads=8, intermediate_size=8192, vocab_size=128256),
     "llama-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                      num_key_value_heads=8, intermediate_size=14336, vocab_size=128256),
+}
+# a tiny random encoder for classification runs in which training must cost next to nothing
+# (the coordinator-throughput benchmark): ~1M weights, all but 40k of them MiniLM-vocabulary embeddings
+RANDOM_BERT_SHAPES = {
+    "bert-tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
 }
 _OPACUS = re.compile(r"(?:^|(?<=\.))_module\.")
 _STRIP = re.compile(r"(^base_model\.model\.)|(\.default(?=\.|$))")
@@ -115,9 +121,13 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
 def _base_model(spec: ModelSpec, vocab_size: int) -> nn.Module:
     if spec.name.startswith("random:"):
         shape = spec.name.removeprefix("random:")
+        if shape in RANDOM_BERT_SHAPES and spec.task == "classification":
+            return AutoModelForSequenceClassification.from_config(BertConfig(
+                vocab_size=vocab_size, num_labels=spec.num_labels, **RANDOM_BERT_SHAPES[shape]))
         if shape not in RANDOM_LLAMA_SHAPES:
-            raise ConfigError(f"model: unknown random shape {shape!r}, "
-                              f"known: {sorted(RANDOM_LLAMA_SHAPES)}")
+            raise ConfigError(f"model: unknown random shape {shape!r} for task={spec.task}, known: "
+                              f"{sorted(RANDOM_LLAMA_SHAPES)} (and {sorted(RANDOM_BERT_SHAPES)} "
+                              "for classification)")
         kwargs = {"vocab_size": vocab_size, **RANDOM_LLAMA_SHAPES[shape]}
         config = LlamaConfig(**kwargs, num_labels=spec.num_labels, pad_token_id=0)
         if spec.task == "causal-lm":

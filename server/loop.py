@@ -23,6 +23,7 @@ from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
 from pollinate import data as datalib
+from pollinate import partitions
 from pollinate.aggregators import AggregationError, Aggregator, resolve
 from pollinate.codec import ErrorFeedback, decode, encode_with_feedback
 from pollinate.config import ConfigError, RunConfig
@@ -33,7 +34,9 @@ from pollinate.privacy import l2_norm
 from pollinate.protocol import EMPTY_VERSION, TrainInstruction, TrainReply, downlink_codec
 
 from .curves import cumulative, to_target
+from .optimizers import server_optimizer
 from .privacy import CentralDP, privacy_state, private_aggregator, restore_privacy, round_privacy
+from .profile import RoundClock
 from .progress import RoundDisplay
 from .replies import Rejected, ReplyChecker, Sent, norm_outliers, order_key
 from .rundir import Checkpoint, RunDirectory, check_reuse
@@ -43,7 +46,7 @@ log = logging.getLogger("pollinate.server")
 FIRST_VERSION = 1
 # options that may change when a run is resumed; any other difference is a different run
 RESUMABLE = {"num-server-rounds", "round-timeout", "resume", "out", "min-train-nodes", "target-accuracy",
-             "fraction-train"}
+             "fraction-train", "node-state-dir", "ray-address"}
 
 
 @dataclass
@@ -73,6 +76,7 @@ class Coordinator:
         self.out = RunDirectory(config.out)
         if config.overwrite:
             self.out.clear()
+        self.partition: dict[str, Any] | None = None  # the simulated clients' split, when checked
         self.labels, self.num_labels, self.test_table = self._labels_and_test_table()
         spec = ModelSpec.from_config(config, self.num_labels, config.global_rank, full_precision=True)
         aggregator_cls = resolve(config.aggregator)
@@ -86,6 +90,7 @@ class Coordinator:
         self.uplink_spec = self.aggregator.uplink_spec(self.model)
         self.downlink_spec = self.aggregator.downlink_spec(self.model)
         self.feedback = ErrorFeedback()
+        self.optimizer = server_optimizer(config)  # steps on each round's global delta
         self.versions = VersionStore(config.keep_versions + 1, run_id)
         self.node_versions: dict[int, int] = {}
         self.exhausted: set[int] = set()  # nodes that refused to train again (privacy budget spent)
@@ -109,6 +114,7 @@ class Coordinator:
             log.warning("no train-data or test-data on the server: rounds are not evaluated")
             return (), config.num_labels, None
         train = datalib.train_table(config) if config.train_data else None  # read once
+        self._check_split(train if train is not None else datalib.train_table(config))
         names = datalib.label_names(train) if train is not None else ()
         test = datalib.test_table(config, names if train is not None else None)
         names = names or datalib.label_names(test)
@@ -117,6 +123,14 @@ class Coordinator:
         if names and config.num_labels and config.num_labels != len(names):
             raise ConfigError(f"num-labels={config.num_labels} but the data has {len(names)} labels")
         return names, count, test
+
+    def _check_split(self, train: Dataset) -> None:
+        """Split the training table as simulated clients will, before round 1: a split that
+        cannot work fails here rather than in every client, and a repaired one is said once."""
+        split = partitions.split(self.config, train, self.config.num_clients)
+        if split.note:
+            log.warning(split.note)
+        self.partition = split.describe()
 
     def _restore_or_start(self) -> int:
         ckpt = self.out.load_checkpoint() if self.config.resume else None
@@ -139,8 +153,13 @@ class Coordinator:
         self.exhausted = set(ckpt.extra.get("exhausted", []))
         restore_privacy(self.aggregator, ckpt.extra.get("privacy"))  # sigma and accountant, exactly
         self.feedback = ErrorFeedback(ckpt.residual)
+        self.optimizer.load_state_dict(ckpt.optimizer)
         self.out.truncate_metrics(ckpt.round)
         self.rounds = [r for r in self.out.read_metrics()]
+        lost = ckpt.extra.get("record")  # stopped after the checkpoint, before its metrics line
+        if lost and (not self.rounds or self.rounds[-1]["round"] < ckpt.round):
+            self.rounds.append(lost)
+            self.out.append_metrics(self.rounds[-1])
         log.warning("resuming the run in %s after round %d", self.out.path, ckpt.round)
         return ckpt.round + 1
 
@@ -164,18 +183,27 @@ class Coordinator:
                 if not record["clients"]:
                     display.fail(rnd, _reasons(record["dropped"]))
                 self.rounds.append(record)
-                self.out.append_metrics(record)
-                self._checkpoint(rnd)
+                self.clock.lap("other")
+                self._checkpoint(rnd)  # holds the record too: see _restore_or_start
                 self.out.write_summary(self.summary())
+                self.clock.lap("checkpoint")
+                record["seconds"], record["profile"] = self.clock.finish()
+                self.out.append_metrics(record)
                 display.show(record)
         return self.finish()
 
     def run_round(self, rnd: int) -> dict[str, Any]:
-        started = time.perf_counter()
+        """One round's record; its ``seconds`` and ``profile`` so far (:meth:`run` adds the checkpoint)."""
+        clock = self.clock = RoundClock()
         round_log = RoundLog(rnd)
         nodes = self._sample(rnd)
+        clock.lap("other")
         messages = self._messages(rnd, nodes)
+        clock.lap("downlink")
+        sent_at = time.time()
         replies = self.grid.send_and_receive(messages, timeout=self.config.round_timeout)
+        clock.lap("transport")
+        clock.window = (sent_at, time.time())
         # the grid sets message ids on push; an error reply the SuperLink writes for a node
         # that went offline comes from the SuperLink itself, so map replies by what they answer
         addressee = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
@@ -183,7 +211,10 @@ class Coordinator:
         for reply in replies:
             self._receive(reply, addressee.get(reply.metadata.reply_to_message_id,
                                                reply.metadata.src_node_id), round_log)
+        clock.split_clients(round_log.clients)
+        clock.lap("validate")
         self._accumulate(round_log)
+        clock.lap("aggregate")
         missing = set(nodes) - {c["node"] for c in round_log.clients} - {
             d["node"] for d in round_log.dropped}
         for node in sorted(missing):
@@ -193,8 +224,11 @@ class Coordinator:
                    "bytes_down": sum(c["bytes_down"] for c in round_log.clients),
                    "bytes_increment": increment,
                    "clients": sum(c["used"] for c in round_log.clients)}
+        clock.lap("other")
         record = self._evaluate(rnd, traffic)
-        record.update(seconds=time.perf_counter() - started, sampled=len(nodes),
+        clock.lap("evaluate")
+        seconds, profile = clock.finish()
+        record.update(seconds=seconds, profile=profile, sampled=len(nodes),
                       client_metrics=round_log.clients,
                       dropped=round_log.dropped, aggregator=self.aggregator.metrics(),
                       version=self.versions.latest)
@@ -306,8 +340,10 @@ class Coordinator:
         round_log.pending.clear()
 
     def _advance(self, rnd: int) -> int:
-        """Aggregate, compress the increment (with server-side error feedback), apply it."""
-        delta = self.aggregator.finalize()
+        """Aggregate, step the server optimizer, compress the increment (with server-side error
+        feedback), apply it."""
+        delta = self.optimizer.step(self.aggregator.finalize())  # server-optimizer none: as it is
+        self.clock.lap("aggregate")
         wire = self.aggregator.pack_downlink(delta, latest_round=True)
         compensate = self.config.error_feedback and self.part.uses_error_feedback
         payload, sent = encode_with_feedback(
@@ -318,6 +354,7 @@ class Coordinator:
             need_decoded=True)
         state = add(self.versions.state, self.part.unpack_downlink(sent))
         self.versions.push(self.versions.latest + 1, state, payload)
+        self.clock.lap("downlink")
         return len(payload)
 
     def _evaluate(self, rnd: int, traffic: dict[str, int]) -> dict[str, Any]:
@@ -331,9 +368,9 @@ class Coordinator:
         self.out.save_checkpoint(Checkpoint(
             round=rnd, config=self.config.to_mapping(), states=self.versions.snapshot(),
             increments=dict(self.versions.increments), node_versions=self.node_versions,
-            residual=self.feedback.residual,
+            residual=self.feedback.residual, optimizer=self.optimizer.state_dict(),
             extra={"exhausted": sorted(self.exhausted), "run_id": self.run_id,
-                   "privacy": privacy_state(self.aggregator)}))
+                   "privacy": privacy_state(self.aggregator), "record": self.rounds[-1]}))
 
     # -- results -------------------------------------------------------------------
 
@@ -347,7 +384,7 @@ class Coordinator:
                 "labels": list(self.labels), "status": "ok" if aggregated else "failed",
                 "rounds_aggregated": aggregated, "rounds": rounds, "final": rounds[-1] if rounds else {},
                 "to_target": to_target(rounds, target) if target else None,
-                "exhausted_clients": sorted(self.exhausted)}
+                "exhausted_clients": sorted(self.exhausted), "partition": self.partition}
 
     def finish(self) -> dict[str, Any]:
         from .plots import plot_rounds

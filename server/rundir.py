@@ -32,6 +32,7 @@ class Checkpoint:
     node_versions: dict[int, int]
     residual: Tensors = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    optimizer: Tensors = field(default_factory=dict)  # the server optimizer's state_dict
 
 
 RUN_FILES = ("metrics.jsonl", "summary.json", "checkpoint", "checkpoint.old", "checkpoint.tmp", "adapter")
@@ -112,6 +113,7 @@ class RunDirectory:
         for version, payload in ckpt.increments.items():
             (tmp / f"inc{version}.bin").write_bytes(payload)
         save_file({k: v.contiguous() for k, v in ckpt.residual.items()}, str(tmp / "residual.safetensors"))
+        save_file({k: v.contiguous() for k, v in ckpt.optimizer.items()}, str(tmp / "optimizer.safetensors"))
         meta = {"round": ckpt.round, "config": ckpt.config, "versions": sorted(ckpt.states),
                 "increments": sorted(ckpt.increments),
                 "node_versions": {str(k): v for k, v in ckpt.node_versions.items()},
@@ -138,12 +140,17 @@ class RunDirectory:
             increments={v: (directory / f"inc{v}.bin").read_bytes() for v in meta["increments"]},
             node_versions={int(k): v for k, v in meta["node_versions"].items()},
             residual=load_file(str(directory / "residual.safetensors")),
-            extra=meta.get("extra", {}))
+            extra=meta.get("extra", {}), optimizer=_load_if_there(directory / "optimizer.safetensors"))
 
     def truncate_metrics(self, last_round: int) -> None:
         """Drop metrics of rounds after ``last_round`` (written before a crash, not checkpointed)."""
         kept = [r for r in self.read_metrics() if r.get("round", 0) <= last_round]
         _atomic_write(self.metrics_file, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def _load_if_there(path: Path) -> Tensors:
+    """The tensors of ``path``; none for a checkpoint written before the file existed."""
+    return load_file(str(path)) if path.exists() else {}
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -29,6 +29,9 @@ def test_pyproject_run_config_defaults_match_runconfig():
     ("codec", "nonsense", "codec must be one of"),
     ("downlink-codec", "topk-int9", "downlink-codec must be one of .*did you mean 'topk-int8'"),
     ("aggregator-options", "{not json", "aggregator-options: not a JSON object"),
+    ("ray-address", "localhost", "ray-address must be HOST:PORT"),
+    ("ray-address", "ray://head:10001", "ray-address must be HOST:PORT"),
+    ("ray-address", "head:70000", "ray-address must be HOST:PORT"),
 ])
 def test_bad_values_name_the_option(key, value, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace("]", r"\]")):

@@ -14,10 +14,12 @@ CONFIG = RunConfig(num_clients=2, num_server_rounds=1, max_train_examples=24, te
                    target_modules="query,value", min_train_nodes=2, partition="iid", learning_rate=5e-3)
 
 
-def test_baseline_model_starts_from_pollinates_initial_adapter():
+@pytest.mark.parametrize("model", ["", "random:bert-tiny"])
+def test_baseline_model_starts_from_pollinates_initial_adapter(model):
     """Same seed, same weights: the benchmark compares training, not initialisations."""
-    peft_state = get_peft_model_state_dict(flower_baseline.get_model(CONFIG, num_labels=4))
-    ours = build_model(ModelSpec(num_labels=4, rank=CONFIG.lora_rank, alpha=CONFIG.lora_alpha,
+    config = RunConfig.from_mapping({**CONFIG.to_mapping(), "model": model})
+    peft_state = get_peft_model_state_dict(flower_baseline.get_model(config, num_labels=4))
+    ours = build_model(ModelSpec(name=model, num_labels=4, rank=CONFIG.lora_rank, alpha=CONFIG.lora_alpha,
                                  target_modules=("query", "value"), seed=CONFIG.seed)).adapter_state()
     theirs = {name.removeprefix("base_model.model."): t for name, t in peft_state.items()}
     assert set(theirs) == set(ours)

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from flwr.serverapp import ServerApp
+from killed_server import KilledGrid, ServerKilled
 from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -264,26 +265,6 @@ def test_sample_dp_federation_accounts_stops_exhausted_clients_and_learns(tmp_pa
     # final accuracy over noise seeds 1-5 (CPU, 2 cores, torch 2.13): 0.870, 0.885, 0.525, 0.765,
     # 0.675; chance is 0.25. The bar sits under the minimum with margin.
     assert summary["final"]["accuracy"] >= 0.45, summary["final"]
-
-
-class ServerKilled(RuntimeError):
-    """The server process died (emulated)."""
-
-
-class KilledGrid:
-    """Flower's grid, except that the server dies when round ``rounds + 1`` sends its messages."""
-
-    def __init__(self, inner, rounds: int):  # noqa: ANN001 - Flower's Grid
-        self.inner, self.rounds = inner, rounds
-
-    def __getattr__(self, name: str):  # noqa: ANN204
-        return getattr(self.inner, name)
-
-    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
-        self.rounds -= 1
-        if self.rounds < 0:
-            raise ServerKilled("server killed during the round")
-        return self.inner.send_and_receive(messages, timeout=timeout)
 
 
 @pytest.mark.slow

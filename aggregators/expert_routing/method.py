@@ -141,6 +141,9 @@ class ExpertRouting(Aggregator):
     Options = ExpertConfig
     config: ExpertConfig
     client_part = ExpertClient
+    server_optimizer_refusal = ("its global delta adds a load-balancing step to the gate bias, a "
+                                "control rule rather than an average of client changes, which momentum "
+                                "or adaptive scaling would distort")
 
     def __init__(self, **options: Any):
         super().__init__(**options)
