@@ -31,7 +31,13 @@ from pollinate.modeling import AdapterModel, ModelSpec, build_model
 from pollinate.spec import AdapterSpec, Tensors
 
 Instructions = dict[str, bool | int | float | str]
-DENSE_FALLBACK = "int8-row"  # what a method that needs whole factors gets instead of top-k
+DENSE_FALLBACK = "int8-row"  # what a method that needs whole factors gets instead of top-k or sign
+
+
+def needs_error_feedback(encoding: str) -> bool:
+    """Whether ``encoding`` drops so much of a tensor (top-k: most entries; sign, sign2: all but
+    one or two magnitudes per slice) that only error feedback over rounds makes up for it."""
+    return encoding.startswith("topk") or encoding.startswith("sign")
 
 
 class AggregationError(ValueError):
@@ -107,9 +113,9 @@ class Aggregator:
     name: ClassVar[str] = ""
     client_part: ClassVar[type[ClientPart]] = ClientPart
     sparse_wire: ClassVar[bool] = True
-    """Whether the method learns through top-k codecs: true for methods that send changes
-    (error feedback re-sends what top-k drops); false for methods that send whole fresh
-    factors each round, which keeping 10% of the entries destroys (docs/aggregators.md)."""
+    """Whether the method learns through top-k and sign codecs: true for methods that send changes
+    (error feedback re-sends what the codec drops); false for methods that send whole fresh
+    factors each round, which keeping 10% of the entries or their signs destroys (docs/aggregators.md)."""
     server_optimizer_refusal: ClassVar[str] = ""
     """Why a server optimizer (``server-optimizer``) must not step on this method's global delta;
     empty when :meth:`finalize` returns an aggregate of the clients' changes (a pseudo-gradient),
@@ -151,9 +157,9 @@ class Aggregator:
     def settle_config(cls, config: RunConfig, note: Callable[[str], Any]) -> RunConfig:
         """``config`` made workable for this method before round 1, or a :class:`ConfigError`.
 
-        A method that cannot learn through sparse codecs gets ``int8-row`` in place of a
-        default top-k codec (and ``note`` says so); a top-k codec the user chose is refused
-        with the option to change.
+        A method that cannot learn through top-k or sign codecs gets ``int8-row`` in place of
+        such a default codec (and ``note`` says so); one the user chose is refused with the
+        option to change.
         """
         cls.check_optimizers(config)
         if cls.sparse_wire:
@@ -162,16 +168,16 @@ class Aggregator:
         defaults = RunConfig()
         for option, fallback in (("codec", DENSE_FALLBACK), ("downlink_codec", DENSE_FALLBACK)):
             chosen = getattr(config, option)
-            if not chosen.startswith("topk"):
+            if not needs_error_feedback(chosen):
                 continue
             key = option.replace("_", "-")
             if chosen != getattr(defaults, option):
-                raise ConfigError(f"aggregator={config.aggregator} learns nothing through the sparse "
+                raise ConfigError(f"aggregator={config.aggregator} learns nothing through the coarse "
                                   f"{key}={chosen} (it sends whole factors); set {key} to {fallback}, "
                                   "fp16 or fp32")
             changes[option] = fallback
         if changes:
-            note(f"aggregator={config.aggregator} learns nothing through top-k codecs: using "
+            note(f"aggregator={config.aggregator} learns nothing through top-k or sign codecs: using "
                  + ", ".join(f"{k.replace('_', '-')}={v}" for k, v in changes.items())
                  + " (set codec / downlink-codec to choose)")
         return config.replace(**changes)

@@ -11,8 +11,9 @@ allows). Every setting is the same run but for what goes over the wire:
   (the fp32 adapter as one ArrayRecord both ways), on the same data and seeds;
 * ``default``: Pollinate with the run-config default codec pair (uplink ``codec`` /
   ``density``, downlink ``downlink-codec`` / ``downlink-density``);
-* ``UP/DOWN``: a candidate pair, each side ``ENCODING[@DENSITY]`` (``topk-int8@0.1/fp32``);
-  ``UP`` alone takes the default downlink. Error feedback on both sides as by default.
+* ``UP/DOWN[/HEAD]``: a candidate pair, each side ``ENCODING[@DENSITY]`` (``topk-int8@0.1/fp32``),
+  and optionally a dense ``head-codec`` (``topk-int8@0.1/topk-ternary@0.1/int8-row``); ``UP`` alone
+  takes the default downlink. Error feedback on both sides as by default.
 
 Per seed, the target is 97% of the fp32 run's final accuracy on the same dataset and seed;
 rounds / seconds / bytes to target are those of the first round (1..R) that reaches it, with
@@ -60,9 +61,10 @@ from benchmarks import flower_baseline, harness  # noqa: E402
 NAME = "codec"
 DATASETS = ("ag_news", "sst2", "banking77")
 REFERENCE, FLOWER, DEFAULT = "fp32", "flower", "default"
-# the default pair, then the two candidates the earlier single-seed run ranked next: the
-# ternary pair (most compression) and int8 both ways (the more accurate downlink)
-SETTINGS = (REFERENCE, FLOWER, DEFAULT, "topk-ternary@0.1/topk-ternary@0.1", "topk-int8@0.1/topk-int8@0.1")
+# the default (sign both ways, an int4 head), then the two candidates that show what it fixed:
+# the previous default top-k pair, and that pair with the int4 head alone
+SETTINGS = (REFERENCE, FLOWER, DEFAULT, "topk-int8@0.1/topk-ternary@0.1",
+            "topk-int8@0.1/topk-ternary@0.1/int4-row")
 TARGET_SHARE = 0.97  # the target: this share of the fp32 run's final accuracy (same dataset, seed)
 GOALS = {"rounds_ratio": 1.1, "points_lost": 0.5, "bytes_ratio": 20.0, "stretch_ratio": 50.0}
 COLUMNS = ("dataset", "setting", "uplink", "downlink", "seed_count", "accuracy", "accuracy_sd", "vs_fp32",
@@ -110,11 +112,13 @@ class Setting:
 
 @dataclass(frozen=True)
 class Wire:
-    """What one setting sends: Pollinate's uplink and downlink codecs, or (both None) the Flower baseline."""
+    """What one setting sends: Pollinate's uplink and downlink codecs and ``head-codec``, or (both
+    None) the Flower baseline."""
 
     name: str
     uplink: Setting | None
     downlink: Setting | None
+    head: str = ""
 
     @classmethod
     def parse(cls, text: str) -> Wire:
@@ -126,10 +130,15 @@ class Wire:
         if text == REFERENCE:
             return cls(REFERENCE, Setting(REFERENCE), Setting(REFERENCE))
         if text == DEFAULT:
-            return cls(DEFAULT, Setting.of(defaults.codec, defaults.density), default_down)
-        up, _, down = text.partition("/")
+            return cls(DEFAULT, Setting.of(defaults.codec, defaults.density), default_down,
+                       defaults.head_codec)
+        up, _, rest = text.partition("/")
+        down, _, head = rest.partition("/")
         uplink, downlink = Setting.parse(up), Setting.parse(down) if down else default_down
-        return cls(f"{uplink.label}/{downlink.label}", uplink, downlink)
+        if head and Setting.parse(head).spec.sparse:
+            raise SystemExit(f"setting {text!r}: the head encoding (after the second /) must be dense")
+        name = "/".join([uplink.label, downlink.label, *([head] if head else [])])
+        return cls(name, uplink, downlink, head)
 
 
 def run_config(args: argparse.Namespace, dataset: str, seed: int, wire: Wire) -> RunConfig:
@@ -144,19 +153,22 @@ def run_config(args: argparse.Namespace, dataset: str, seed: int, wire: Wire) ->
         **harness.scenario_options(args), "seed": seed, "partition": "dirichlet", "dirichlet-alpha": 0.5,
         "lora-rank": 8, "aggregator": "fedit", "min-train-nodes": args.clients, "round-timeout": 3600.0,
         "codec": uplink.encoding, "density": uplink.density,
-        "downlink-codec": downlink.encoding, "downlink-density": downlink.density,
+        "downlink-codec": downlink.encoding, "downlink-density": downlink.density, "head-codec": wire.head,
     }, allow_extra=False)
     kind = FLOWER if wire.uplink is None else "pollinate"
     return harness.keyed_out(config, args.runs, f"{dataset}-s{seed}", kind)
 
 
-def seed_curve(args: argparse.Namespace, dataset: str, seed: int, wire: Wire) -> list[dict[str, Any]]:
-    """Round 0..R of one seed's run with cumulative seconds and bytes per client (cached runs reused).
+def seed_curve(args: argparse.Namespace, dataset: str, seed: int, wire: Wire) -> list[dict[str, Any]] | None:
+    """Round 0..R of one seed's run with cumulative seconds and bytes per client (cached runs reused;
+    with ``--cached-only``, None for a row other than fp32 and default never run on this seed).
 
     A Pollinate round's bytes are totals over the sampled clients; the Flower baseline's are
     already per client (no ``sampled``, so :func:`cumulative` divides by 1).
     """
     config = run_config(args, dataset, seed, wire)
+    if args.cached_only and wire.name not in (REFERENCE, DEFAULT) and not harness.cached(config):
+        return None
     if wire.uplink is None:
         records = harness.cached_curve(config, lambda: flower_baseline.run(config))
     else:
@@ -167,7 +179,8 @@ def seed_curve(args: argparse.Namespace, dataset: str, seed: int, wire: Wire) ->
 def measure(args: argparse.Namespace, dataset: str, wire: Wire) -> dict[str, Any]:
     """The setting's runs on every seed: the raw row :func:`derive` turns into the table's."""
     started = time.perf_counter()
-    seeds = {seed: seed_curve(args, dataset, seed, wire) for seed in args.seed_list}
+    curves = {seed: seed_curve(args, dataset, seed, wire) for seed in args.seed_list}
+    seeds = {seed: curve for seed, curve in curves.items() if curve is not None}
     return {"dataset": dataset, "setting": wire.name,
             "uplink": wire.uplink.label if wire.uplink else "flower-fp32",
             "downlink": wire.downlink.label if wire.downlink else "flower-fp32",
@@ -240,12 +253,11 @@ def derive(raw_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     reference = {r["dataset"]: r for r in raw_rows if r["setting"] == REFERENCE}
     rows = []
     for raw in raw_rows:
-        fp32 = reference[raw["dataset"]]["seeds"]
-        targets = {seed: TARGET_SHARE * fp32[seed][-1]["accuracy"] for seed in raw["seeds"]}
-        rows.append(over_seeds(raw, targets))
-    base = {r["dataset"]: r for r in rows if r["setting"] == REFERENCE}
-    for row in rows:
-        fp32 = base[row["dataset"]]
+        curves = reference[raw["dataset"]]["seeds"]
+        targets = {seed: TARGET_SHARE * curves[seed][-1]["accuracy"] for seed in raw["seeds"]}
+        row = over_seeds(raw, targets)
+        # fp32 on this row's seeds (a row built from fewer cached seeds is compared seed for seed)
+        fp32 = over_seeds({"seeds": {seed: curves[seed] for seed in raw["seeds"]}}, targets)
         row["vs_fp32"] = 100 * (row["accuracy"] - fp32["accuracy"])
         row["fp32_rounds_to_target"] = fp32["rounds_to_target"]
         row["rounds_ratio"] = _ratio(row["rounds_to_target"], fp32["rounds_to_target"])
@@ -253,6 +265,7 @@ def derive(raw_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for key in (f"bytes_to_target_{side}", f"bytes_{side}"):
                 row[key.replace("bytes", "ratio")] = _ratio(fp32[key], row[key])
         row["targets"] = goals_met(row)
+        rows.append(row)
     return rows
 
 
@@ -340,7 +353,8 @@ def notes(args: argparse.Namespace, rows: list[dict[str, Any]], png: Path) -> st
             f"{args.learning_rate}, seeds {args.seeds}; error feedback on both sides. `fp32` = Pollinate "
             "with dense fp32 both ways; `flower` = the plain-Flower FedAvg baseline "
             "(benchmarks/flower_baseline.py, fp32 ArrayRecord both ways) run in the same invocation; "
-            "`default` = the run-config default pair; other settings are UP/DOWN codec pairs. "
+            "`default` = the run-config defaults (`codec`, `downlink-codec`, `head-codec`); other "
+            "settings are UP/DOWN codec pairs, /HEAD the `head-codec` of the classification head. "
             "accuracy = final round, mean over seeds (accuracy_sd: their sd); vs_fp32 in points. "
             f"Target per seed = {TARGET_SHARE:.0%} of the fp32 run's final accuracy (same dataset and "
             "seed); rounds_to_target and bytes_to_target_up / _down (cumulative bytes per client until "
@@ -367,6 +381,9 @@ def main() -> None:
                         help=f"{REFERENCE}, {FLOWER}, {DEFAULT} or UP/DOWN codec pairs "
                              f"(ENCODING[@DENSITY]); {REFERENCE}, the reference, always runs")
     parser.add_argument("--repeats", type=int, default=21, help="encode/decode timings per codec")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="run only fp32 and default; the other rows use the seeds they have "
+                             "finished runs for (their seed_count says how many)")
     harness.federation_arguments(parser, runs="runs/bench/codec")
     parser.set_defaults(rounds=12)
     args = harness.parse_arguments(parser)
@@ -379,7 +396,7 @@ def main() -> None:
                            lambda r: "final accuracy per seed " + ", ".join(
                                f"{c[-1]['accuracy']:.4f}" for c in r["seeds"].values())
                            + f"; {r['minutes']:.1f} min")
-    rows = derive(raw)
+    rows = derive([r for r in raw if r["seeds"]])  # --cached-only: a row never run has no seeds
     first = run_config(args, args.dataset_list[0], args.seed_list[0], wires[REFERENCE])
     time_codecs(rows, wires, last_increment(first.out), args.repeats)
     publish(args, rows)

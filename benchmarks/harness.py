@@ -181,14 +181,31 @@ def finished(config: RunConfig) -> dict[str, Any] | None:
     return summary if done and same_run(summary["config"], config) else None
 
 
+def cached(config: RunConfig) -> bool:
+    """Whether ``config``'s run finished before: a Pollinate summary or a stored curve of it."""
+    curve = Path(config.out) / "curve.json"
+    return finished(config) is not None or (
+        curve.exists() and same_run(json.loads(curve.read_text())["config"], config))
+
+
 PLACES = ("out", "node-state-dir")  # where a run keeps its files: the launcher fills them in
+
+
+ADDED_OPTIONS = {"head-codec": ""}
+"""Options added after runs were cached, with the value that reproduces those runs (which saved
+no value for them): a new option at its new default is a different run from an old one."""
+
+
+def run_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """What makes a run that run: every option (those saved before an option existed get its
+    :data:`ADDED_OPTIONS` value), where it writes aside."""
+    return {**ADDED_OPTIONS, **{k: v for k, v in config.items() if k not in PLACES}}
 
 
 def same_run(saved: dict[str, Any], config: RunConfig) -> bool:
     """Whether ``saved`` (a stored run's config) is ``config``'s run; the places it wrote to aside
     (``out`` may be given relative or absolute, ``node-state-dir`` is set by the launcher)."""
-    return {k: v for k, v in saved.items() if k not in PLACES} == {
-        k: v for k, v in json.loads(config.to_json()).items() if k not in PLACES}
+    return run_settings(saved) == run_settings(json.loads(config.to_json()))
 
 
 def simulate_cached(config: RunConfig, reuse: bool, **launch: Any) -> dict[str, Any]:
@@ -203,9 +220,10 @@ def simulate_cached(config: RunConfig, reuse: bool, **launch: Any) -> dict[str, 
 
 
 def keyed_out(config: RunConfig, runs: str, name: str, kind: str = "pollinate") -> RunConfig:
-    """``config`` writing to ``RUNS/NAME-KIND-HASH``, the hash of ``kind`` and the whole config: equal
-    runs share a directory (and so a cache entry), different ones never do."""
-    key = hashlib.sha256(f"{kind} {config.to_json()}".encode()).hexdigest()[:10]
+    """``config`` writing to ``RUNS/NAME-KIND-HASH``, the hash of ``kind`` and :func:`run_settings`:
+    equal runs share a directory (and so a cache entry), different ones never do."""
+    settings = json.dumps(run_settings(json.loads(config.to_json())), sort_keys=True)
+    key = hashlib.sha256(f"{kind} {settings}".encode()).hexdigest()[:10]
     return config.replace(out=str(Path(runs) / f"{name}-{kind}-{key}"), overwrite=True)
 
 

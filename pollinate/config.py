@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from pollinate.codec.encodings import ENCODINGS
+from pollinate.codec.encodings import DENSE_ENCODINGS, ENCODINGS
 
 
 class ConfigError(ValueError):
@@ -133,11 +133,14 @@ class RunConfig:
     noise_multiplier: float = option(-1.0, "noise std / clip norm (-1 = solve it from target-epsilon)")
     clip_norm: float = option(1.0, "clip norm of a client's update with client-level DP")
     # wire format
-    codec: str = option("topk-int8", "uplink encoding of client updates", ENCODINGS)
+    codec: str = option("sign", "uplink encoding of client updates", ENCODINGS)
     density: float = option(0.1, "share of entries a top-k uplink codec keeps, in (0, 1]")
     error_feedback: bool = option(True, "carry what a lossy codec dropped into the next round")
-    downlink_codec: str = option("topk-ternary", "downlink encoding of the global increment", ENCODINGS)
+    downlink_codec: str = option("sign", "downlink encoding of the global increment", ENCODINGS)
     downlink_density: float = option(0.1, "share of entries a top-k downlink codec keeps, in (0, 1]")
+    head_codec: str = option("int4-row", "dense encoding of the classification head's tensors both ways "
+                                         "(empty = codec / downlink-codec like the rest)",
+                             ("", *DENSE_ENCODINGS))
     max_payload_bytes: int = option(64 * 1024 * 1024, "largest payload accepted either way")
     keep_versions: int = option(8, "global versions kept for delta downlinks to lagging nodes")
     # untrusted clients (docs/architecture.md, "Hostile clients")

@@ -35,7 +35,7 @@ from transformers import (
 from transformers.utils import logging as transformers_logging
 
 from pollinate.config import ConfigError, RunConfig
-from pollinate.spec import Tensors
+from pollinate.spec import HEAD_MODULES, Tensors
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -44,7 +44,6 @@ transformers_logging.disable_progress_bar()
 # peft asks every model this on wrapping; the rename notice would print once per process (actor)
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
-HEAD_MODULES = ("classifier", "score")
 DEFAULT_TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"]}
 RANDOM_LLAMA_SHAPES = {
     # init std 0.2, not Llama's 0.02: at hidden 64 a frozen random head of std 0.02 caps every

@@ -16,6 +16,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from pollinate.codec import CodecSpec
 from pollinate.config import RunConfig
+from pollinate.spec import WIRE_HEADS
 
 CONFIG, DOWNLINK, UPLINK, METRICS, REPORT = "config", "downlink", "uplink", "metrics", "report"
 PAYLOAD = "payload"
@@ -195,14 +196,15 @@ def _field(record: Any, key: str) -> Any:
 
 
 def uplink_codec(config: RunConfig) -> CodecSpec:
-    """How clients compress their updates (``codec``, ``density``)."""
-    return CodecSpec(encoding=config.codec, density=config.density,
-                     max_payload_bytes=config.max_payload_bytes)
+    """How clients compress their updates (``codec``, ``density``, ``head-codec``)."""
+    return CodecSpec(encoding=config.codec, density=config.density, head_encoding=config.head_codec,
+                     head_modules=WIRE_HEADS, max_payload_bytes=config.max_payload_bytes)
 
 
 def downlink_codec(config: RunConfig) -> CodecSpec:
-    """How the server compresses each round's global increment (``downlink-codec``)."""
+    """How the server compresses each round's global increment (``downlink-codec``, ``head-codec``)."""
     return CodecSpec(encoding=config.downlink_codec, density=config.downlink_density,
+                     head_encoding=config.head_codec, head_modules=WIRE_HEADS,
                      max_payload_bytes=config.max_payload_bytes)
 
 

@@ -13,6 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
+HEAD_MODULES = ("classifier", "score")
+"""Modules whose tensors are the task head (trained whole, not through LoRA): the first part
+of the tensor name (``classifier.weight``)."""
+WIRE_HEADS = (*HEAD_MODULES, "gate")
+"""What the codec sends with ``head-codec``: the task heads and an expert mixture's router
+(``gate.*``), small tensors trained from scratch whose per-class (per-expert) rows carry
+what the clients disagree on."""
+
 Tensors = dict[str, torch.Tensor]
 
 

@@ -84,9 +84,13 @@ def test_targets_are_per_dataset():
 def test_settings_parse_to_codec_pairs():
     defaults = RunConfig()
     default = codec.Wire.parse("default")
-    assert (default.uplink.encoding, default.uplink.density) == (defaults.codec, defaults.density)
-    assert (default.downlink.encoding, default.downlink.density) == (defaults.downlink_codec,
-                                                                     defaults.downlink_density)
+    assert default.uplink == codec.Setting.of(defaults.codec, defaults.density)
+    assert default.downlink == codec.Setting.of(defaults.downlink_codec, defaults.downlink_density)
+    assert default.head == defaults.head_codec
+    headed = codec.Wire.parse("topk-int8@0.1/topk-ternary@0.1/int4-row")
+    assert headed.name == "topk-int8@0.1/topk-ternary@0.1/int4-row" and headed.head == "int4-row"
+    with pytest.raises(SystemExit, match="must be dense"):
+        codec.Wire.parse("sign/sign/topk-int8@0.1")
     assert codec.Wire.parse("flower").uplink is None
     pair = codec.Wire.parse("topk-int8@0.1/fp32")
     assert pair.name == "topk-int8@0.1/fp32" and pair.downlink == codec.Setting("fp32")
@@ -114,3 +118,14 @@ def test_rows_publish_with_curves_plot_and_notes(tmp_path):
     assert (tmp_path / "codec.png").stat().st_size > 0
     docs = (tmp_path / "benchmarks.md").read_text()
     assert "A reduced run" in docs and "sst2: rounds to target 2 vs fp32 2" in docs
+
+
+def test_a_row_with_fewer_seeds_is_compared_with_fp32_on_its_own_seeds():
+    """``--cached-only`` rows may hold fewer seeds than fp32: vs_fp32 and the ratios then use fp32's
+    runs on the same seeds, not its mean over seeds the row never ran."""
+    rows = codec.derive([raw("fp32", {0: curve([0.5, 0.8, 0.9], 1000, 1000),
+                                      1: curve([0.5, 0.6, 0.7], 1000, 1000)}),
+                         raw("sign/sign", {0: curve([0.5, 0.8, 0.89], 40, 40)})])
+    row = rows[1]
+    assert row["seed_count"] == 1 and row["vs_fp32"] == pytest.approx(-1.0)
+    assert row["ratio_to_target_up"] == pytest.approx(25.0)

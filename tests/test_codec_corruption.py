@@ -320,7 +320,8 @@ def _tamper(spec_index: int, name: str, edit, resign: bool = True) -> bytes:
     return rewrap(message, resign)
 
 
-FP32, FP16, BF16, INT8, INT8_ROW, TERNARY, TOPK_INT8, BITMAP, TENSOR_TERNARY = range(9)
+(FP32, FP16, BF16, INT8, INT8_ROW, TERNARY, TOPK_INT8, SIGN, INT4_ROW, SIGN2,
+ BITMAP, TENSOR_TERNARY) = range(12)
 
 
 def _set(**fields):
@@ -358,6 +359,14 @@ def _ternary_padding(entry):
     entry.values = entry.values[:-1] + bytes([entry.values[-1] | 0x01])
 
 
+def _int4_padding(entry):  # "head" has 3 elements: the last byte's high nibble is padding
+    entry.values = entry.values[:-1] + bytes([entry.values[-1] | 0x10])
+
+
+def _sign2_padding(entry):  # "head" has 3 elements: the last byte's top two bits are padding
+    entry.values = entry.values[:-1] + bytes([entry.values[-1] | 0x40])
+
+
 def _nan_value(entry):
     entry.values = struct.pack("<f", float("nan")) + entry.values[4:]
 
@@ -392,6 +401,14 @@ def _duplicate(message_payload: bytes) -> bytes:
     (lambda: _tamper(BITMAP, "head", _set(indices=b"")), SizeMismatch, "bitmap"),
     (lambda: _tamper(TENSOR_TERNARY, "layer.0.lora_A", _ternary_padding), MalformedPayload,
      "padding"),
+    (lambda: _tamper(SIGN, "head", _ternary_padding), MalformedPayload, "padding"),
+    (lambda: _tamper(INT4_ROW, "head", _int4_padding), MalformedPayload, "padding"),
+    (lambda: _tamper(SIGN2, "head", _sign2_padding), MalformedPayload, "padding"),
+    (lambda: _tamper(SIGN2, "layer.0.lora_B", _set(scales=[1.0] * 4)), SizeMismatch, "scales"),
+    (lambda: _tamper(INT4_ROW, "layer.0.lora_A", _set(scales=[1.0])), SizeMismatch, "scales"),
+    (lambda: _tamper(SIGN, "layer.0.lora_B", _set(scales=[1.0] * 16)), SizeMismatch, "scales"),
+    (lambda: _tamper(SIGN, "layer.0.lora_A", _set(scales=[1.0, -1.0, 1.0, 1.0])), MalformedPayload,
+     "negative"),
     (lambda: _tamper(FP32, "head", _set(dtype=0)), BadDtype, "'head'.*dtype"),
     (lambda: _tamper(FP32, "head", _set(encoding=99)), BadDtype, "encoding"),
     (lambda: _tamper(FP32, "head", _set(encoding=-1)), BadDtype, "encoding"),

@@ -94,20 +94,20 @@ def test_bf16_matches_the_cast(tensors):
         assert err <= encoded_error_bound(t, "bf16")
 
 
-def _row_scales(t: torch.Tensor, per_row: bool) -> np.ndarray:
+def _row_scales(t: torch.Tensor, per_row: bool, top: float = 127.0) -> np.ndarray:
     x = t.double().numpy()
     rows = x.reshape(t.shape[0], -1) if per_row and t.dim() == 2 and t.shape[0] else x.reshape(1, -1)
-    return np.abs(rows).max(axis=1, initial=0.0) / 127.0
+    return np.abs(rows).max(axis=1, initial=0.0) / top
 
 
 @SETTINGS
-@given(tensor_dicts(), st.sampled_from(["int8", "int8-row"]))
-def test_int8_is_within_half_a_step(tensors, encoding):
+@given(tensor_dicts(), st.sampled_from(["int8", "int8-row", "int4-row"]))
+def test_integer_codes_are_within_half_a_step(tensors, encoding):
     out = roundtrip(tensors, CodecSpec(encoding))
     for name, t in tensors.items():
         if not t.numel():
             continue
-        scales = _row_scales(t, encoding == "int8-row")
+        scales = _row_scales(t, encoding.endswith("-row"), 7.0 if encoding == "int4-row" else 127.0)
         rows = scales.size
         err = (out.tensors[name].double() - t.double()).abs().numpy().reshape(rows, -1)
         tiny = float(np.finfo(np.float32).smallest_subnormal)
@@ -317,3 +317,63 @@ def test_a_million_floats_encode_and_decode_fast():
         decode(encode(Delta(DeltaHeader(), x), spec), adapter)
         # ~15-40 ms on one core; the bound only catches per-element Python loops.
         assert time.process_time() - start < 0.5, encoding
+
+
+def test_sign_scales_each_rank_component_by_its_mean_magnitude():
+    """``sign``: one bit per element, one scale per slice along the shorter side (rows of a
+    LoRA A or a head, columns of a LoRA B), and that scale is the group's mean |x|."""
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randn(4, 64, generator=gen) * torch.tensor([[1.0], [0.1], [0.01], [10.0]])
+    b = torch.randn(64, 4, generator=gen) * torch.tensor([[2.0, 0.2, 0.02, 20.0]])
+    out = roundtrip({"a": a, "b": b}, CodecSpec("sign")).tensors
+    assert torch.allclose(out["a"], torch.sign(a) * a.abs().mean(1, keepdim=True))
+    assert torch.allclose(out["b"], torch.sign(b) * b.abs().mean(0, keepdim=True))
+    # 1 bit per element and 4 bytes per scale, before the frame's few dozen bytes
+    assert len(encode(Delta(DeltaHeader(), {"a": a, "b": b}), CodecSpec("sign"))) < 2 * 256 // 8 + 8 * 4 + 120
+
+
+def parse_entries(payload: bytes) -> dict[str, pb.TensorEntry]:
+    return {e.name: e for e in pb.AdapterDelta.FromString(frame.unwrap(payload, 2**30)).tensors}
+
+
+def test_int4_packs_two_codes_per_byte():
+    t = torch.tensor([[7.0, -7.0, 3.0], [3.5, -1.0, 0.0]])
+    out = roundtrip({"t": t}, CodecSpec("int4-row")).tensors["t"]
+    assert torch.equal(out, t)  # every value is a code times its row's scale (1 and 0.5)
+    payload = parse_entries(encode(Delta(DeltaHeader(), {"t": t}), CodecSpec("int4-row")))
+    assert len(payload["t"].values) == 3 and list(payload["t"].scales) == [1.0, 0.5]
+
+
+def test_head_tensors_take_their_own_dense_encoding_and_no_top_k_share():
+    """``head_encoding``: the head's tensors go dense (int8 per row) while top-k picks its share
+    among the LoRA tensors only, so a large head update cannot crowd the factors out."""
+    gen = torch.Generator().manual_seed(5)
+    tensors = {"layer.lora_A": torch.randn(4, 50, generator=gen),
+               "layer.lora_B": torch.randn(50, 4, generator=gen),
+               "classifier.weight": 100 * torch.randn(6, 50, generator=gen),
+               "classifier.bias": torch.randn(6, generator=gen)}
+    spec = CodecSpec("topk-int8", density=0.1, head_encoding="int8-row", head_modules=("classifier",))
+    entries = parse_entries(encode(Delta(DeltaHeader(), tensors), spec))
+    assert {n: e.encoding for n, e in entries.items()} == {
+        "layer.lora_A": pb.ENCODING_TOPK_INT8, "layer.lora_B": pb.ENCODING_TOPK_INT8,
+        "classifier.weight": pb.ENCODING_INT8_ROW, "classifier.bias": pb.ENCODING_INT8_ROW}
+    assert entries["layer.lora_A"].nnz + entries["layer.lora_B"].nnz == 40  # 10% of the 400 LoRA entries
+    out = roundtrip(tensors, spec).tensors
+    for name in ("classifier.weight", "classifier.bias"):
+        bound = encoded_error_bound(tensors[name], "int8-row")
+        assert (out[name] - tensors[name]).abs().max() <= bound
+    assert not spec.lossless
+    assert CodecSpec("fp32", head_encoding="fp32", head_modules=("classifier",)).lossless
+    with pytest.raises(ValueError, match="dense"):
+        CodecSpec("topk-int8", head_encoding="topk-ternary")
+
+
+def test_sign2_sends_two_magnitudes_per_slice():
+    """``sign2``: per slice (as ``sign``), elements above the slice's mean |x| decode to the mean
+    |x| of those elements, the others to the mean of the rest, each with its sign; 2 bits each."""
+    a = torch.tensor([[4.0, -2.0, 1.0, -1.0, 0.0], [0.5, 0.5, -0.5, 0.5, -8.0]])
+    out = roundtrip({"a": a}, CodecSpec("sign2")).tensors["a"]
+    # row 0: mean |x| 1.6, large {4, 2} -> 3, small {1, 1, 0} -> 2/3; row 1: mean 2, large {8}, small 0.5
+    expected = torch.tensor([[3.0, -3.0, 2 / 3, -2 / 3, 2 / 3], [0.5, 0.5, -0.5, 0.5, -8.0]])
+    assert torch.allclose(out, expected)
+    assert len(parse_entries(encode(Delta(DeltaHeader(), {"a": a}), CodecSpec("sign2")))["a"].values) == 3

@@ -28,6 +28,7 @@ def test_pyproject_run_config_defaults_match_runconfig():
     ("batch-size", "3.5", "batch-size must be an integer"),
     ("codec", "nonsense", "codec must be one of"),
     ("downlink-codec", "topk-int9", "downlink-codec must be one of .*did you mean 'topk-int8'"),
+    ("head-codec", "topk-int8", "head-codec must be one of"),
     ("aggregator-options", "{not json", "aggregator-options: not a JSON object"),
     ("ray-address", "localhost", "ray-address must be HOST:PORT"),
     ("ray-address", "ray://head:10001", "ray-address must be HOST:PORT"),

@@ -96,7 +96,7 @@ def test_a_test_label_the_training_file_never_had_names_its_row(tmp_path):
     (["--set", "batch-size=3.5"], "batch-size must be an integer, got 3.5"),
     (["--set", "lora-rnak=4"], "unknown option 'lora-rnak'; did you mean 'lora-rank'"),
     (["--aggregator", "flora", "--set", "codec=topk-ternary"],
-     "aggregator=flora learns nothing through the sparse codec=topk-ternary"),
+     "aggregator=flora learns nothing through the coarse codec=topk-ternary"),
     (["--aggregator", "selective-layer", "--set", 'aggregator-options={"policy": "nope"}'],
      "unknown selection policy 'nope'"),
 ])

@@ -74,7 +74,6 @@ from pollinate.aggregators.expert_routing.tensors import (
 from pollinate.config import ConfigError
 from pollinate.data import Encoded, batches
 from pollinate.modeling import (
-    HEAD_MODULES,
     AdapterModel,
     ModelSpec,
     _base_model,
@@ -82,7 +81,7 @@ from pollinate.modeling import (
     load_tokenizer,
     resolve_targets,
 )
-from pollinate.spec import Tensors
+from pollinate.spec import HEAD_MODULES, Tensors
 
 MEMO_SIZE = 65536  # common-expert embeddings kept per process (384 floats each for MiniLM)
 

@@ -78,12 +78,14 @@ def encode(delta: Delta, spec: CodecSpec) -> bytes:
     message = pb.AdapterDelta(magic=frame.MAGIC, codec_version=frame.CODEC_VERSION,
                               **_header_fields(delta.header))
     flat = {name: _to_flat(name, t) for name, t in delta.tensors.items()}
-    encoding = ENCODING_IDS[spec.encoding]
-    kept = topk.select(flat, spec.density, spec.topk_scope) if spec.sparse else {}
+    encoding_of = {name: ENCODING_IDS[spec.encoding_of(name)] for name in flat}
+    sparse = {name: x for name, x in flat.items() if encoding_of[name] in SPARSE_IDS}
+    kept = topk.select(sparse, spec.density, spec.topk_scope) if sparse else {}
     for name, t in delta.tensors.items():
+        encoding = encoding_of[name]
         entry = message.tensors.add(name=name, shape=tuple(t.shape), encoding=encoding,
                                     dtype=_DTYPE_IDS[t.dtype], numel=flat[name].size)
-        if spec.sparse:
+        if name in sparse:
             entry.index_coding, entry.indices = indices.encode_indices(kept[name], t.numel())
             entry.values, scales = encodings.pack_sparse(flat[name][kept[name]], encoding)
             entry.nnz = kept[name].size
@@ -209,16 +211,15 @@ def _decode_values(entry: pb.TensorEntry) -> np.ndarray:
         raise NonFiniteValues(f"tensor {name!r}: a scale is NaN or Inf")
     if (scales < 0).any():
         raise MalformedPayload(f"tensor {name!r}: a scale is negative")
+    if not encodings.padding_ok(entry.encoding, entry.values, entry.nnz):
+        raise MalformedPayload(f"tensor {name!r}: packed codes have non-zero padding")
     if entry.encoding in SPARSE_IDS:
-        if (entry.encoding == pb.ENCODING_TOPK_TERNARY
-                and not encodings.ternary_padding_ok(entry.values, entry.nnz)):
-            raise MalformedPayload(f"tensor {name!r}: sign bits have non-zero padding")
         where = indices.decode_indices(entry.index_coding, entry.indices, entry.nnz,
                                        entry.numel, name)
         x = np.zeros(entry.numel, dtype=np.float32)
         x[where] = encodings.unpack_sparse(entry.values, scales[0], entry.encoding, entry.nnz)
     else:
-        x = encodings.unpack_dense(entry.values, scales, entry.encoding)
+        x = encodings.unpack_dense(entry.values, scales, entry.encoding, tuple(entry.shape))
     if not np.isfinite(x).all():
         raise NonFiniteValues(f"tensor {name!r}: decoded values contain NaN or Inf")
     return x

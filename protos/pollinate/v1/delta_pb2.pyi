@@ -25,6 +25,9 @@ class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ENCODING_INT8_ROW: _ClassVar[Encoding]
     ENCODING_TOPK_TERNARY: _ClassVar[Encoding]
     ENCODING_TOPK_INT8: _ClassVar[Encoding]
+    ENCODING_SIGN: _ClassVar[Encoding]
+    ENCODING_INT4_ROW: _ClassVar[Encoding]
+    ENCODING_SIGN2: _ClassVar[Encoding]
 
 class IndexCoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -44,6 +47,9 @@ ENCODING_INT8: Encoding
 ENCODING_INT8_ROW: Encoding
 ENCODING_TOPK_TERNARY: Encoding
 ENCODING_TOPK_INT8: Encoding
+ENCODING_SIGN: Encoding
+ENCODING_INT4_ROW: Encoding
+ENCODING_SIGN2: Encoding
 INDEX_CODING_DENSE: IndexCoding
 INDEX_CODING_DELTA_VARINT: IndexCoding
 INDEX_CODING_BITMAP: IndexCoding
