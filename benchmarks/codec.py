@@ -9,11 +9,12 @@ allows). Every setting is the same run but for what goes over the wire:
   the reference every target is measured against;
 * ``flower``: the plain-Flower FedAvg-LoRA baseline of :mod:`benchmarks.flower_baseline`
   (the fp32 adapter as one ArrayRecord both ways), on the same data and seeds;
-* ``default``: Pollinate with the run-config default codec pair (uplink ``codec`` /
-  ``density``, downlink ``downlink-codec`` / ``downlink-density``);
+* ``default``: Pollinate with the run-config default codecs (uplink ``codec`` / ``density``,
+  downlink ``downlink-codec`` / ``downlink-density``, the head's ``head-codec``);
 * ``UP/DOWN[/HEAD]``: a candidate pair, each side ``ENCODING[@DENSITY]`` (``topk-int8@0.1/fp32``),
-  and optionally a dense ``head-codec`` (``topk-int8@0.1/topk-ternary@0.1/int8-row``); ``UP`` alone
-  takes the default downlink. Error feedback on both sides as by default.
+  and optionally a dense ``head-codec`` (``topk-int8@0.1/topk-ternary@0.1/int8-row``; without
+  one the head goes like the rest); ``UP`` alone takes the default downlink. Error feedback
+  on both sides as by default.
 
 Per seed, the target is 97% of the fp32 run's final accuracy on the same dataset and seed;
 rounds / seconds / bytes to target are those of the first round (1..R) that reaches it, with
@@ -32,6 +33,7 @@ Every finished run (Pollinate: its summary.json; Flower: curve.json) is cached u
 the table can be built up over several invocations.
 
     python benchmarks/codec.py     # the full benchmark: 30 runs x 12 rounds, ~5-7 h on 2 cores
+    python benchmarks/codec.py --cached-only --no-publish   # the table from the runs finished so far
     python benchmarks/codec.py --datasets sst2 --seeds 0 --rounds 2 --clients 2 \\
         --max-train-examples 40 --test-examples 100 --settings fp32,flower,default --no-publish
 """
@@ -161,13 +163,13 @@ def run_config(args: argparse.Namespace, dataset: str, seed: int, wire: Wire) ->
 
 def seed_curve(args: argparse.Namespace, dataset: str, seed: int, wire: Wire) -> list[dict[str, Any]] | None:
     """Round 0..R of one seed's run with cumulative seconds and bytes per client (cached runs reused;
-    with ``--cached-only``, None for a row other than fp32 and default never run on this seed).
+    with ``--cached-only``, None for a run that never finished).
 
     A Pollinate round's bytes are totals over the sampled clients; the Flower baseline's are
     already per client (no ``sampled``, so :func:`cumulative` divides by 1).
     """
     config = run_config(args, dataset, seed, wire)
-    if args.cached_only and wire.name not in (REFERENCE, DEFAULT) and not harness.cached(config):
+    if args.cached_only and not harness.cached(config):
         return None
     if wire.uplink is None:
         records = harness.cached_curve(config, lambda: flower_baseline.run(config))
@@ -253,7 +255,10 @@ def derive(raw_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     reference = {r["dataset"]: r for r in raw_rows if r["setting"] == REFERENCE}
     rows = []
     for raw in raw_rows:
-        curves = reference[raw["dataset"]]["seeds"]
+        curves = reference[raw["dataset"]]["seeds"] if raw["dataset"] in reference else {}
+        raw = {**raw, "seeds": {seed: c for seed, c in raw["seeds"].items() if seed in curves}}
+        if not raw["seeds"]:
+            continue
         targets = {seed: TARGET_SHARE * curves[seed][-1]["accuracy"] for seed in raw["seeds"]}
         row = over_seeds(raw, targets)
         # fp32 on this row's seeds (a row built from fewer cached seeds is compared seed for seed)
@@ -382,8 +387,8 @@ def main() -> None:
                              f"(ENCODING[@DENSITY]); {REFERENCE}, the reference, always runs")
     parser.add_argument("--repeats", type=int, default=21, help="encode/decode timings per codec")
     parser.add_argument("--cached-only", action="store_true",
-                        help="run only fp32 and default; the other rows use the seeds they have "
-                             "finished runs for (their seed_count says how many)")
+                        help="run nothing: build the table from finished runs, each row on the seeds "
+                             "it and fp32 have (its seed_count says how many)")
     harness.federation_arguments(parser, runs="runs/bench/codec")
     parser.set_defaults(rounds=12)
     args = harness.parse_arguments(parser)
