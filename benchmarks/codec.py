@@ -321,13 +321,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
         for row in (r for r in rows if r["dataset"] == dataset):
             style = {REFERENCE: "ks-", FLOWER: "k^--"}.get(row["setting"], "o-")
             accuracy = row["curve"]["accuracy"]
-            by_round.plot(range(len(accuracy)), accuracy, style, ms=3, label=row["setting"])
-            by_bytes.plot(row["curve"]["cum_bytes_up_per_client"][1:], accuracy[1:], style, ms=3,
-                          label=row["setting"])
+            label = f"{row['setting']} ({row['seed_count']} seed{'s' if row['seed_count'] > 1 else ''})"
+            by_round.plot(range(len(accuracy)), accuracy, style, ms=3, label=label)
+            by_bytes.plot(row["curve"]["cum_bytes_up_per_client"][1:], accuracy[1:], style, ms=3, label=label)
         target = next(r["target_accuracy"] for r in rows if r["dataset"] == dataset)
         for ax in (by_round, by_bytes):
             ax.axhline(target, color="grey", lw=0.8, ls=":")
-            ax.set_ylabel(f"test accuracy (mean of {rows[0]['seed_count']} seed(s))")
+            ax.set_ylabel("test accuracy (mean over the row's seeds)")
             ax.legend(fontsize=7)
         by_round.set_title(f"{dataset}: accuracy per round (dotted: target)")
         by_round.set_xlabel("round")
