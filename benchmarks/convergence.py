@@ -12,10 +12,13 @@ codecs'. The systems:
   state with the FlowerTune-style client of :mod:`benchmarks.flower_baseline` (FedAdam with
   the hyperparameters of ``pollinate-adam``);
 * ``pollinate-before``: Pollinate as it was before issue 24 (fedit, no server optimizer, a
-  fresh AdamW every round, constant learning rate), pinned so it stays "before";
+  fresh AdamW every round, constant learning rate, no restricted softmax, the scenario's
+  local epochs), pinned so it stays "before";
 * ``pollinate-OPT``: the same with ``server-optimizer=OPT`` (avgm, adam, yogi, adagrad) at
   its default hyperparameters;
-* ``default``: Pollinate with the project's current defaults (:class:`RunConfig`).
+* ``default``: Pollinate with the project's current defaults (:class:`RunConfig`), its
+  local epochs included (the other systems take ``--local-epochs``, 1 by default, so
+  ``centralised`` trains rounds x that many epochs).
 
 A Pollinate system name takes modifiers: ``+state`` (``client-optimizer-state=true``),
 ``+cosine`` (``lr-schedule=cosine`` after ``--warmup-rounds`` of warm-up) and ``+KEY=VALUE``
@@ -55,7 +58,7 @@ from benchmarks import flower_baseline, harness  # noqa: E402
 NAME = "convergence"
 DATASETS = ("ag_news", "sst2", "banking77")
 BEFORE = {"aggregator": "fedit", "server-optimizer": "none", "client-optimizer-state": False,
-          "lr-schedule": "constant", "lr-warmup-rounds": 0}
+          "lr-schedule": "constant", "lr-warmup-rounds": 0, "restricted-softmax": 1.0}
 """Pollinate's training options before issue 24, pinned: ``pollinate-before`` stays what it was."""
 SYSTEMS = ("centralised", "flower-fedavg", "flower-fedadam", "pollinate-before",
            *(f"pollinate-{name}" for name in SERVER_OPTIMIZERS[1:]), "default")
@@ -75,7 +78,7 @@ def system_options(system: str, args: argparse.Namespace) -> dict[str, Any]:
     elif name == "pollinate-before":
         base = dict(BEFORE)
     elif name == "default":
-        base = {}
+        base = {"local-epochs": RunConfig().local_epochs}  # the default's, not the scenario's
     elif name.startswith("pollinate-") and name.removeprefix("pollinate-") in SERVER_OPTIMIZERS:
         base = {**BEFORE, "server-optimizer": name.removeprefix("pollinate-")}
     else:
@@ -127,25 +130,34 @@ def curve_of(system: str, config: RunConfig) -> list[dict[str, float]]:
     return [{"accuracy": r["accuracy"], "loss": r["loss"]} for r in records]
 
 
-def row(args: argparse.Namespace, dataset: str, system: str) -> dict[str, Any]:
+def row(args: argparse.Namespace, dataset: str, system: str) -> dict[str, Any] | None:
+    """The system's row over the seeds (with ``--cached-only``, the seeds whose runs finished;
+    None if none did)."""
     started = time.perf_counter()
-    runs = [curve_of(system, run_config(args, dataset, system, seed)) for seed in args.seed_list]
-    mean = {key: [statistics.fmean(r[key] for r in rounds) for rounds in zip(*runs, strict=True)]
+    configs = {seed: run_config(args, dataset, system, seed) for seed in args.seed_list}
+    runs = {seed: curve_of(system, config) for seed, config in configs.items()
+            if not args.cached_only or harness.cached(config)}
+    if not runs:
+        return None
+    mean = {key: [statistics.fmean(r[key] for r in rounds) for rounds in zip(*runs.values(), strict=True)]
             for key in ("accuracy", "loss")}
-    finals = [run[-1]["accuracy"] for run in runs]
+    finals = [run[-1]["accuracy"] for run in runs.values()]
     return {"dataset": dataset, "system": system, "seed_count": len(runs), "accuracy": mean["accuracy"][-1],
             "accuracy_sd": statistics.stdev(finals) if len(finals) > 1 else None,
-            "accuracy_per_seed": finals, "loss": mean["loss"][-1], "curve": mean["accuracy"],
-            "loss_curve": mean["loss"],
+            "seeds": list(runs), "accuracy_per_seed": finals, "loss": mean["loss"][-1],
+            "curve": mean["accuracy"], "loss_curve": mean["loss"],
             "accuracy_by_round": " ".join(f"{a:.2f}" for a in mean["accuracy"]),
             "minutes": (time.perf_counter() - started) / 60}
 
 
 def compare(rows: list[dict[str, Any]]) -> None:
-    """``gap_to_centralised`` and ``rounds_to_target`` against the centralised row of the dataset."""
-    ceiling = {r["dataset"]: r["accuracy"] for r in rows if r["system"] == "centralised"}
+    """``gap_to_centralised`` and ``rounds_to_target`` against the centralised runs of the dataset
+    on the row's own seeds (a row of fewer seeds is not compared with other seeds' ceiling)."""
+    ceiling = {(r["dataset"], seed): final for r in rows if r["system"] == "centralised"
+               for seed, final in zip(r["seeds"], r["accuracy_per_seed"], strict=True)}
     for r in rows:
-        top = ceiling.get(r["dataset"])
+        tops = [ceiling.get((r["dataset"], seed)) for seed in r["seeds"]]
+        top = None if None in tops else statistics.fmean(tops)
         r["gap_to_centralised"] = None if top is None else r["accuracy"] - top
         reached = [i for i, a in enumerate(r["curve"]) if i and top is not None and a >= TARGET * top]
         r["rounds_to_target"] = reached[0] if reached else None
@@ -156,10 +168,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     for ax, dataset in panels:
         for r in (r for r in rows if r["dataset"] == dataset):
             style = "k--" if r["system"] == "centralised" else "o-"
-            ax.plot(range(len(r["curve"])), r["curve"], style, ms=3, label=r["system"])
+            ax.plot(range(len(r["curve"])), r["curve"], style, ms=3,
+                    label=f"{r['system']} ({r['seed_count']} seed{'s' if r['seed_count'] > 1 else ''})")
         ax.set_title(dataset)
         ax.set_xlabel("round (centralised: epoch)")
-        ax.set_ylabel(f"test accuracy (mean of {rows[0]['seed_count']} seed(s))")
+        ax.set_ylabel("test accuracy (mean over seeds)")
         ax.legend(fontsize=7)
     fig.suptitle("convergence under Dirichlet 0.5 label skew")
     return harness.save_figure(fig, path)
@@ -171,6 +184,9 @@ def notes(args: argparse.Namespace, rows: list[dict[str, Any]], png: Path) -> st
                if set(DATASETS) - set(args.dataset_list) else "",
                f"seeds {', '.join(str(s) for s in (0, 1) if s not in args.seed_list)}"
                if {0, 1} - set(args.seed_list) else "",
+               "the second seed of " + ", ".join(f"{r['dataset']} {r['system']}" for r in rows
+                                                  if r["seed_count"] < 2 <= len(args.seed_list))
+               if any(r["seed_count"] < 2 <= len(args.seed_list) for r in rows) else "",
                f"systems {', '.join(s for s in SYSTEMS if s not in ran)}" if set(SYSTEMS) - ran else "",
                f"{args.rounds} rounds instead of 15" if args.rounds != 15 else "",
                f"{args.clients} clients x {args.max_train_examples} examples instead of 10 x 300"
@@ -185,15 +201,18 @@ def notes(args: argparse.Namespace, rows: list[dict[str, Any]], png: Path) -> st
             versus.append(f"{dataset}: " + ", ".join(
                 f"{r['system']} {100 * (r['accuracy'] - before['accuracy']):+.1f} points "
                 f"(loss {r['loss'] - before['loss']:+.2f})"
-                for r in rows if r["dataset"] == dataset and r["system"] not in ("pollinate-before",
-                                                                                 "centralised")))
+                for r in rows if r["dataset"] == dataset and r["seeds"] == before["seeds"]
+                and r["system"] not in ("pollinate-before", "centralised")))
     scope = ("The full benchmark." if not missing else
              "**A reduced run, not the issue's benchmark.** Not run: " + "; ".join(missing) + ".")
     return (f"{scope} {args.clients} clients x {args.max_train_examples} examples (Dirichlet 0.5), "
             f"{args.test_examples} test examples, {args.rounds} rounds of {args.local_epochs} local "
-            f"epoch(s), lr {args.learning_rate}, batch {args.batch_size}, seeds {args.seeds}; fp32 up and "
-            "down for every federated system. accuracy = final round, mean over seeds (accuracy_sd: their "
-            "sd, none for one seed); gap_to_centralised = accuracy minus centralised's (a fraction); "
+            f"epoch(s) (`default`: its own {RunConfig().local_epochs}; centralised: rounds x "
+            f"{args.local_epochs} epochs), lr {args.learning_rate}, batch {args.batch_size}, "
+            f"seeds {args.seeds}; fp32 up and "
+            "down for every federated system. accuracy = final round, mean over the row's seeds "
+            "(seed_count; accuracy_sd: their sd, none for one seed); gap_to_centralised = accuracy minus "
+            "centralised's on the same seeds (a fraction); "
             f"rounds_to_target = first round at {TARGET:.0%} of centralised's final accuracy; "
             "loss = final test loss (seed mean); accuracy_by_round = the seed-mean curve from round 0. "
             "Server optimizers at their defaults "
@@ -201,7 +220,8 @@ def notes(args: argparse.Namespace, rows: list[dict[str, Any]], png: Path) -> st
             "server-beta2 0.99, server-tau 0.001) unless the system name sets them; flower-fedadam uses "
             f"the same. `+cosine` = lr-schedule=cosine with {args.warmup_rounds} warm-up round(s). "
             f"Plot: `benchmarks/results/{png.name}`."
-            + (" Final accuracy and loss against pollinate-before: " + "; ".join(versus) + "."
+            + (" Final accuracy and loss against pollinate-before (rows on its seeds): "
+               + "; ".join(versus) + "."
                if versus else ""))
 
 
@@ -210,6 +230,8 @@ def main() -> None:
     harness.dataset_arguments(parser, DATASETS)
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--warmup-rounds", type=int, default=1, help="warm-up rounds of a +cosine system")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="run nothing: rows from the seeds whose runs finished (seed_count: how many)")
     harness.federation_arguments(parser, runs="runs/bench/convergence")
     parser.set_defaults(rounds=15)
     args = harness.parse_arguments(parser)
@@ -218,7 +240,9 @@ def main() -> None:
         system_options(system, args)  # unknown names fail before any run
     runs = [(d, s) for d in args.dataset_list for s in systems]
     rows = harness.run_each(runs, lambda run: f"{run[0]}, {run[1]}", lambda run: row(args, *run),
-                            lambda r: f"accuracy {r['accuracy']:.4f}, {r['minutes']:.1f} min")
+                            lambda r: "no finished run" if r is None else f"accuracy {r['accuracy']:.4f} "
+                            f"over {r['seed_count']} seed(s), {r['minutes']:.1f} min")
+    rows = [r for r in rows if r is not None]
     compare(rows)
     harness.finish(args, NAME, rows, title="Convergence under label skew: server optimizers, client "
                    "optimizer state, LR schedules", columns=COLUMNS, table_title="convergence",

@@ -191,15 +191,23 @@ def cached(config: RunConfig) -> bool:
 PLACES = ("out", "node-state-dir")  # where a run keeps its files: the launcher fills them in
 
 
-ADDED_OPTIONS = {"head-codec": ""}
+ADDED_OPTIONS = {"head-codec": "", "restricted-softmax": 1.0}
 """Options added after runs were cached, with the value that reproduces those runs (which saved
-no value for them): a new option at its new default is a different run from an old one."""
+no value for them): a new option at its new default is a different run from an old one. At that
+value an option is left out of a run's cache key, so adding one keeps the old runs' keys."""
+
+
+AUTO_OPTIONS = {"restricted-softmax": lambda config: config.absent_class_scale}
+"""Options with an ``auto`` value, keyed by what it resolves to: a run at auto is the run at
+that value."""
 
 
 def run_settings(config: dict[str, Any]) -> dict[str, Any]:
     """What makes a run that run: every option (those saved before an option existed get its
-    :data:`ADDED_OPTIONS` value), where it writes aside."""
-    return {**ADDED_OPTIONS, **{k: v for k, v in config.items() if k not in PLACES}}
+    :data:`ADDED_OPTIONS` value; ``auto`` values resolved), where it writes aside."""
+    settings = {**ADDED_OPTIONS, **{k: v for k, v in config.items() if k not in PLACES}}
+    resolved = RunConfig.from_mapping(settings)
+    return {**settings, **{key: value(resolved) for key, value in AUTO_OPTIONS.items()}}
 
 
 def same_run(saved: dict[str, Any], config: RunConfig) -> bool:
@@ -222,7 +230,8 @@ def simulate_cached(config: RunConfig, reuse: bool, **launch: Any) -> dict[str, 
 def keyed_out(config: RunConfig, runs: str, name: str, kind: str = "pollinate") -> RunConfig:
     """``config`` writing to ``RUNS/NAME-KIND-HASH``, the hash of ``kind`` and :func:`run_settings`:
     equal runs share a directory (and so a cache entry), different ones never do."""
-    settings = json.dumps(run_settings(json.loads(config.to_json())), sort_keys=True)
+    settings = json.dumps({k: v for k, v in run_settings(json.loads(config.to_json())).items()
+                           if k not in ADDED_OPTIONS or v != ADDED_OPTIONS[k]}, sort_keys=True)
     key = hashlib.sha256(f"{kind} {settings}".encode()).hexdigest()[:10]
     return config.replace(out=str(Path(runs) / f"{name}-{kind}-{key}"), overwrite=True)
 

@@ -1,4 +1,5 @@
-"""Local training of the trainable adapter tensors: AdamW, epochs or steps, clipping, autocast.
+"""Local training of the trainable adapter tensors: AdamW, epochs or steps, clipping, autocast,
+and FedRS's restricted softmax under label skew (:func:`restricted_softmax`).
 
 The round's learning rate follows ``lr-schedule`` and ``lr-warmup-rounds``
 (:func:`round_learning_rate`); with ``client-optimizer-state`` the optimizer's state
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +29,7 @@ from pollinate.config import RunConfig
 from pollinate.data import Encoded, batches
 from pollinate.losses import causal_lm_loss
 from pollinate.modeling import AdapterModel, compile_layers, set_gradient_checkpointing
+from pollinate.spec import HEAD_MODULES
 
 
 @dataclass
@@ -130,6 +134,37 @@ def optimizer_steps(blob: bytes) -> int:
     return max(steps, default=0)
 
 
+@contextmanager
+def restricted_softmax(net: torch.nn.Module, data: Encoded, alpha: float) -> Iterator[None]:
+    """FedRS's restricted softmax (Li & Zhan, KDD 2021) while training: the logits of classes
+    absent from ``data`` are scaled by ``alpha`` (``restricted-softmax``; 1 = unchanged).
+
+    Under label skew a client's cross-entropy pushes every absent class's head row away from
+    its features, and AdamW makes those pushes full-size however small their gradients are;
+    averaged over clients, most of a class's row updates then come from clients that never
+    saw it. At ``alpha`` 0 an absent class gets no gradient at all. A forward hook on each
+    task head scales its output, so each model computes its own loss (an expert mixture
+    keeps its routing loss).
+    """
+    if alpha >= 1.0:
+        yield
+        return
+    present = sorted(set(data.labels))
+
+    def scale(module: torch.nn.Module, inputs: tuple, logits: torch.Tensor) -> torch.Tensor:
+        factor = torch.full(logits.shape[-1:], alpha, dtype=logits.dtype, device=logits.device)
+        factor[present] = 1.0
+        return logits * factor
+
+    hooks = [m.register_forward_hook(scale) for name, m in net.named_modules()
+             if name.split(".")[-1] in HEAD_MODULES]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def train(model: AdapterModel, data: Encoded, config: RunConfig, seed: int,
           optimizer: torch.optim.Optimizer | None = None) -> TrainResult:
     """Train for ``local-steps`` steps if set, else ``local-epochs`` epochs over ``data``."""
@@ -147,26 +182,27 @@ def train(model: AdapterModel, data: Encoded, config: RunConfig, seed: int,
     total_steps = config.local_steps or config.local_epochs * steps_per_epoch
     step, loss_sum, examples, tokens, start = 0, 0.0, 0, 0, time.perf_counter()
     epoch = 0
-    while step < total_steps:
-        for batch in batches(data, config.batch_size, model.tokenizer.pad_token_id, shuffle=True,
-                             seed=seed + epoch, device=model.device, bucket=True):
-            with torch.autocast(model.device.type, dtype=dtype or torch.float32,
-                                enabled=dtype is not None):
-                loss = (causal_lm_loss(net, batch, config.loss_chunk_size)[0] if causal
-                        else net(**batch).loss)
-            scaler.scale(loss).backward()
-            if config.max_grad_norm > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum += float(loss.detach())
-            examples += batch["input_ids"].shape[0]
-            tokens += int(batch["attention_mask"].sum())
-            step += 1
-            if step >= total_steps:
-                break
-        epoch += 1
+    with restricted_softmax(net, data, config.absent_class_scale):
+        while step < total_steps:
+            for batch in batches(data, config.batch_size, model.tokenizer.pad_token_id, shuffle=True,
+                                 seed=seed + epoch, device=model.device, bucket=True):
+                with torch.autocast(model.device.type, dtype=dtype or torch.float32,
+                                    enabled=dtype is not None):
+                    loss = (causal_lm_loss(net, batch, config.loss_chunk_size)[0] if causal
+                            else net(**batch).loss)
+                scaler.scale(loss).backward()
+                if config.max_grad_norm > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum += float(loss.detach())
+                examples += batch["input_ids"].shape[0]
+                tokens += int(batch["attention_mask"].sum())
+                step += 1
+                if step >= total_steps:
+                    break
+            epoch += 1
     return TrainResult(loss=loss_sum / max(step, 1), steps=step, examples=examples,
                        seconds=time.perf_counter() - start, tokens=tokens)

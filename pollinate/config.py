@@ -98,7 +98,7 @@ class RunConfig:
                                       "(`pollinate aggregators`)")
     aggregator_options: str = option("", "the method's options: key=value,key=[1,2] or a JSON object")
     # local training
-    local_epochs: int = option(1, "local epochs per round (used when local-steps is 0)")
+    local_epochs: int = option(3, "local epochs per round (used when local-steps is 0)")
     local_steps: int = option(0, "local optimizer steps per round (0 = local-epochs)")
     batch_size: int = option(32, "local batch size")
     learning_rate: float = option(3e-3, "local learning rate")
@@ -109,6 +109,11 @@ class RunConfig:
                                           "last round (after any warm-up)", LR_SCHEDULES)
     lr_warmup_rounds: int = option(0, "rounds whose learning rate rises linearly to learning-rate "
                                       "(round r of W: r/W of it)")
+    restricted_softmax: float = option(-1.0, "FedRS (Li & Zhan, KDD 2021): in local training, the logits of "
+                                             "classes absent from the client's data are scaled by this, in "
+                                             "[0, 1] (1 = off); keeps label skew from pushing absent "
+                                             "classes' head rows. -1 = auto: 0 for task=classification "
+                                             "without dp=sample, else off")
     max_grad_norm: float = option(1.0, "gradient clipping norm (0 = off); the per-sample clip of dp=sample")
     precision: str = option("auto", "autocast precision; auto = bf16 on GPUs, fp32 on CPUs", PRECISIONS)
     device: str = option("auto", "cpu, cuda, cuda:1, mps or auto")
@@ -218,6 +223,14 @@ class RunConfig:
         """
         return {"seed": self.seed, **parse_options(self.aggregator_options, "aggregator-options")}
 
+    @property
+    def absent_class_scale(self) -> float:
+        """The factor ``restricted-softmax`` puts on absent classes' logits (1: off); ``auto`` is 0
+        where it applies (classification without DP-SGD), else 1."""
+        if self.restricted_softmax >= 0:
+            return self.restricted_softmax
+        return 0.0 if self.task == "classification" and self.dp != "sample" else 1.0
+
     def rank_for(self, partition_id: int) -> int:
         """The LoRA rank of a simulated client: its entry of ``rank-profile`` (cycled), else ``lora-rank``."""
         if not self.rank_profile:
@@ -311,6 +324,13 @@ class RunConfig:
                                       "dp=sample (opacus needs the plain model's per-sample hooks)")
 
     def _check_optimizers(self) -> None:
+        if not (0.0 <= self.restricted_softmax <= 1.0 or self.restricted_softmax == -1.0):
+            raise ConfigError(f"restricted-softmax must be in [0, 1] (1 = off) or -1 (auto), "
+                              f"got {self.restricted_softmax}")
+        if 0.0 <= self.restricted_softmax < 1.0 and (self.task != "classification" or self.dp == "sample"):
+            raise ConfigError(f"restricted-softmax={self.restricted_softmax} is for task=classification "
+                              "without dp=sample (which classes a node holds would change every "
+                              "example's gradient, outside DP-SGD's per-example bound)")
         if self.lr_warmup_rounds < 0:
             raise ConfigError(f"lr-warmup-rounds must be >= 0, got {self.lr_warmup_rounds}")
         if self.lr_warmup_rounds >= self.num_server_rounds:

@@ -6,6 +6,8 @@ curves by the rules the docs state.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from benchmarks import codec
@@ -129,3 +131,20 @@ def test_a_row_with_fewer_seeds_is_compared_with_fp32_on_its_own_seeds():
     row = rows[1]
     assert row["seed_count"] == 1 and row["vs_fp32"] == pytest.approx(-1.0)
     assert row["ratio_to_target_up"] == pytest.approx(25.0)
+
+
+def test_cache_keys_survive_added_options_and_resolve_auto_values(tmp_path):
+    """A run cached before an option existed keeps its key (the option at its added value is left
+    out); a run at ``auto`` is the run at what auto resolves to; any real difference is a new key."""
+    from benchmarks import harness
+
+    def key(config: RunConfig) -> str:
+        return harness.keyed_out(config, str(tmp_path), "run").out
+
+    before = RunConfig(restricted_softmax=1.0, head_codec="")
+    saved = {k: v for k, v in json.loads(before.to_json()).items() if k not in harness.ADDED_OPTIONS}
+    assert harness.same_run(saved, before)  # an old summary, which never saved the added options
+    assert key(before) == key(RunConfig.from_mapping({**harness.ADDED_OPTIONS, **saved}))
+    assert key(RunConfig()) == key(RunConfig(restricted_softmax=0.0))  # auto = 0 for classification
+    assert key(RunConfig()) != key(RunConfig(restricted_softmax=1.0))
+    assert key(RunConfig(dp="sample")) == key(RunConfig(dp="sample", restricted_softmax=1.0))

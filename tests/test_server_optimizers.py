@@ -28,7 +28,9 @@ from pollinate.client.trainer import (
     make_optimizer,
     optimizer_state,
     optimizer_steps,
+    restricted_softmax,
     round_learning_rate,
+    train,
 )
 from pollinate.config import SERVER_OPTIMIZERS, ConfigError, RunConfig
 from pollinate.modeling import ModelSpec, build_model
@@ -167,6 +169,9 @@ def test_state_survives_a_checkpoint_bitwise(tmp_path):
     ({"lr_schedule": "linear"}, "lr-schedule must be one of constant, cosine"),
     ({"lr_warmup_rounds": -1}, "lr-warmup-rounds must be >= 0"),
     ({"lr_warmup_rounds": 5, "num_server_rounds": 5}, "lr-warmup-rounds=5 must be below num-server-rounds=5"),
+    ({"restricted_softmax": 1.5}, "restricted-softmax must be in [0, 1] (1 = off) or -1 (auto), got 1.5"),
+    ({"restricted_softmax": 0.0, "dp": "sample"}, "restricted-softmax=0.0 is for task=classification"),
+    ({"restricted_softmax": 0.5, "task": "causal-lm"}, "restricted-softmax=0.5 is for task=classification"),
 ])
 def test_bad_options_are_refused_naming_the_option(options, message):
     with pytest.raises(ConfigError) as err:
@@ -212,6 +217,38 @@ def test_learning_rate_schedule_values():
                          for k in range(4)]
     assert [round_learning_rate(cosine, r) for r in range(1, 6)] == pytest.approx(expected)
     assert round_learning_rate(cosine, 5) == pytest.approx(0.001)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.25, 1.0])
+def test_restricted_softmax_scales_absent_classes_logits_and_at_zero_leaves_their_rows(alpha):
+    """A client holding classes 0 and 1 of 4: the head's logits of 2 and 3 are scaled by alpha
+    while it trains (and not after); at 0 their head rows and biases do not move at all."""
+    model = build_model(ModelSpec(num_labels=4, rank=2, alpha=4.0, target_modules=("query", "value")))
+    model.set_trainable(model.adapter_names)
+    data = datalib.encode(datalib.generated_classification(16, seed=3), model.tokenizer, "classification", 32)
+    data.labels = [i % 2 for i in range(len(data))]
+    first = next(datalib.batches(data, 4, model.tokenizer.pad_token_id, shuffle=False))
+    batch = {k: v for k, v in first.items() if k != "labels"}
+    model.model.eval()
+    with torch.no_grad():
+        plain = model.model(**batch).logits
+        with restricted_softmax(model.model, data, alpha):
+            scaled = model.model(**batch).logits
+        assert torch.equal(model.model(**batch).logits, plain)  # the hook is gone
+    assert torch.allclose(scaled, plain * torch.tensor([1.0, 1.0, alpha, alpha]))
+    head = {n: model.parameter(n).detach().clone() for n in model.head_names()}
+    train(model, data, RunConfig(restricted_softmax=alpha, learning_rate=1e-2, batch_size=8), seed=0)
+    for name, before in head.items():
+        moved = (model.parameter(name).detach() - before).abs().reshape(4, -1).sum(dim=1)
+        assert bool((moved[:2] > 0).all())
+        assert bool((moved[2:] == 0).all()) == (alpha == 0.0)
+
+
+def test_restricted_softmax_auto_is_zero_where_it_applies_and_off_elsewhere():
+    assert RunConfig().absent_class_scale == 0.0
+    assert RunConfig(restricted_softmax=0.5).absent_class_scale == 0.5
+    assert RunConfig(dp="sample").absent_class_scale == 1.0
+    assert RunConfig(task="causal-lm").absent_class_scale == 1.0
 
 
 def test_node_optimizer_state_restores_moments_and_keeps_what_the_method_froze():
