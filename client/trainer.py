@@ -150,11 +150,14 @@ def restricted_softmax(net: torch.nn.Module, data: Encoded, alpha: float) -> Ite
         yield
         return
     present = sorted(set(data.labels))
+    factors: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}  # built once per head shape
 
     def scale(module: torch.nn.Module, inputs: tuple, logits: torch.Tensor) -> torch.Tensor:
-        factor = torch.full(logits.shape[-1:], alpha, dtype=logits.dtype, device=logits.device)
-        factor[present] = 1.0
-        return logits * factor
+        key = (logits.shape[-1], logits.dtype, logits.device)
+        if key not in factors:
+            factors[key] = torch.full(key[:1], alpha, dtype=logits.dtype, device=logits.device)
+            factors[key][present] = 1.0
+        return logits * factors[key]
 
     hooks = [m.register_forward_hook(scale) for name, m in net.named_modules()
              if name.split(".")[-1] in HEAD_MODULES]

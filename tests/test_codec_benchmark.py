@@ -101,8 +101,11 @@ def test_settings_parse_to_codec_pairs():
         codec.Wire.parse("topk-int8/fp32")
 
 
-def test_rows_publish_with_curves_plot_and_notes(tmp_path):
-    """What a full run hands to publishing: the JSON (curves, per-seed numbers), the plot, the docs block."""
+@pytest.mark.parametrize(("recipe", "name", "says"), [
+    ("pinned", "codec", "no restricted softmax"), ("defaults", "codec-defaults", "restricted softmax on")])
+def test_rows_publish_with_curves_plot_and_notes(tmp_path, recipe, name, says):
+    """What a full run hands to publishing: the JSON (curves, per-seed numbers), the plot, the docs block;
+    under the training defaults (``--recipe defaults``) beside the pinned table, not over it."""
     import argparse
     import json
 
@@ -111,15 +114,31 @@ def test_rows_publish_with_curves_plot_and_notes(tmp_path):
                          raw("default", {0: curve([0.5, 0.8, 0.898], 10, 20)})])
     args = argparse.Namespace(no_publish=False, results=tmp_path, datasets="sst2", seeds="0", rounds=2,
                               clients=2, max_train_examples=40, test_examples=100, local_epochs=1,
-                              batch_size=32, learning_rate=5e-3, repeats=3)
+                              batch_size=32, learning_rate=5e-3, repeats=3, recipe=recipe)
     codec.publish(args, rows)
-    record = json.loads((tmp_path / "codec.json").read_text())
+    assert [p.name for p in tmp_path.glob("*.json")] == [f"{name}.json"]
+    record = json.loads((tmp_path / f"{name}.json").read_text())
     assert [r["setting"] for r in record["rows"]] == ["fp32", "flower", "default"]
     assert "curve" not in record["rows"][0] and record["curves"]["sst2/default"]["accuracy"][-1] == 0.898
     assert record["per_seed"]["sst2/default"][0]["to_target"]["rounds"] == 2
-    assert (tmp_path / "codec.png").stat().st_size > 0
+    assert (tmp_path / f"{name}.png").stat().st_size > 0
     docs = (tmp_path / "benchmarks.md").read_text()
-    assert "A reduced run" in docs and "sst2: rounds to target 2 vs fp32 2" in docs
+    assert "A reduced run" in docs and "sst2: rounds to target 2 vs fp32 2" in docs and says in docs
+    assert f"<!-- {name}:start -->" in docs
+
+
+def test_the_defaults_recipe_trains_as_the_run_config_defaults_and_pinned_as_before(tmp_path):
+    """``--recipe pinned`` keeps the recipe the published table was measured under (no restricted
+    softmax); ``defaults`` leaves training to the run-config defaults (a different cached run)."""
+    import argparse
+
+    args = argparse.Namespace(rounds=12, clients=10, max_train_examples=300, test_examples=1000,
+                              batch_size=32, learning_rate=5e-3, local_epochs=1, seed=0, runs=str(tmp_path))
+    wire = codec.Wire.parse("default")
+    pinned = codec.run_config(argparse.Namespace(**vars(args), recipe="pinned"), "sst2", 0, wire)
+    defaults = codec.run_config(argparse.Namespace(**vars(args), recipe="defaults"), "sst2", 0, wire)
+    assert pinned.restricted_softmax == 1.0 and defaults.restricted_softmax == RunConfig().restricted_softmax
+    assert pinned.out != defaults.out
 
 
 def test_a_row_with_fewer_seeds_is_compared_with_fp32_on_its_own_seeds():
