@@ -165,9 +165,10 @@ def compare(rows: list[dict[str, Any]]) -> None:
 
 def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     fig, panels = harness.dataset_panels(rows, 4.5)
+    systems = list(dict.fromkeys(r["system"] for r in rows))  # one colour per system in every panel
     for ax, dataset in panels:
         for r in (r for r in rows if r["dataset"] == dataset):
-            style = "k--" if r["system"] == "centralised" else "o-"
+            style = "k--" if r["system"] == "centralised" else f"C{systems.index(r['system']) % 10}o-"
             ax.plot(range(len(r["curve"])), r["curve"], style, ms=3,
                     label=f"{r['system']} ({r['seed_count']} seed{'s' if r['seed_count'] > 1 else ''})")
         ax.set_title(dataset)
