@@ -153,6 +153,11 @@ RECIPES = {"pinned": "no restricted softmax, the recipe of the first table",
            "defaults": "the training defaults: restricted softmax on"}
 
 
+def recipe_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The training options of ``--recipe``: the pinned :data:`TRAINING`, or the defaults' local epochs."""
+    return TRAINING if args.recipe == "pinned" else {"local-epochs": RunConfig().local_epochs}
+
+
 def run_config(args: argparse.Namespace, dataset: str, seed: int, wire: Wire) -> RunConfig:
     """One seed's run of ``wire``; its ``out`` is named by a hash of the whole config (the cache key).
 
@@ -164,7 +169,7 @@ def run_config(args: argparse.Namespace, dataset: str, seed: int, wire: Wire) ->
         "test-data": str(harness.DATA / dataset / "test.csv"),
         **harness.scenario_options(args), "seed": seed, "partition": "dirichlet", "dirichlet-alpha": 0.5,
         "lora-rank": 8, "aggregator": "fedit", "min-train-nodes": args.clients, "round-timeout": 3600.0,
-        **(TRAINING if args.recipe == "pinned" else {}), "codec": uplink.encoding, "density": uplink.density,
+        **recipe_options(args), "codec": uplink.encoding, "density": uplink.density,
         "downlink-codec": downlink.encoding, "downlink-density": downlink.density, "head-codec": wire.head,
     }, allow_extra=False)
     kind = FLOWER if wire.uplink is None else "pollinate"
@@ -363,7 +368,8 @@ def notes(args: argparse.Namespace, rows: list[dict[str, Any]], png: Path) -> st
         f"{_cell(r['ratio_to_target_up'])}x up / {_cell(r['ratio_to_target_down'])}x down to target "
         f"({r['targets']})" for r in rows if r["setting"] == DEFAULT)
     return (f"{scope} {args.clients} clients x {args.max_train_examples} examples (Dirichlet 0.5), "
-            f"{args.test_examples} test examples, {args.rounds} rounds of {args.local_epochs} local "
+            f"{args.test_examples} test examples, {args.rounds} rounds of "
+            f"{recipe_options(args).get('local-epochs', args.local_epochs)} local "
             f"epoch(s) ({RECIPES[args.recipe]}), FedIT, LoRA r=8 on query/value + head, "
             f"batch {args.batch_size}, lr {args.learning_rate}, seeds {args.seeds}; error feedback on "
             "both sides. `fp32` = Pollinate "
@@ -407,8 +413,6 @@ def main() -> None:
                              "training (their local epochs, overriding --local-epochs)")
     parser.set_defaults(rounds=12)
     args = harness.parse_arguments(parser)
-    if args.recipe == "defaults":
-        args.local_epochs = RunConfig().local_epochs
     # Ray kills its workers once the *machine* passes 95% memory; on a shared machine other
     # processes' memory would cost this run client updates (each shows in ``dropped``)
     os.environ.setdefault("RAY_memory_usage_threshold", "0.98")
