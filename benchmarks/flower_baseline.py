@@ -37,6 +37,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
+from benchmarks.harness import console
 from pollinate import data as datalib
 from pollinate.config import ConfigError, RunConfig
 from pollinate.modeling import ModelSpec, _base_model, default_model_path, load_tokenizer, resolve_targets
@@ -198,6 +199,8 @@ def make_server_app(config: RunConfig, rounds: list[dict[str, Any]]) -> ServerAp
             now = time.monotonic()
             seconds = now - last[0] if server_round else 0.0
             rounds.append({"round": server_round, **metrics, "seconds": seconds, "t_end": now})
+            console.print(f"flower round {server_round}/{config.num_server_rounds}: "
+                          f"accuracy {metrics['accuracy']:.3f}, {seconds:.0f} s")  # progress of a long run
             last[0] = now
             return MetricRecord(metrics)
 
