@@ -64,8 +64,9 @@ SYSTEMS = ("centralised", "flower-fedavg", "flower-fedadam", "pollinate-before",
            *(f"pollinate-{name}" for name in SERVER_OPTIMIZERS[1:]), "default")
 MODIFIERS = {"state": {"client-optimizer-state": True}, "cosine": {"lr-schedule": "cosine"}}
 TARGET = 0.95  # rounds_to_target: this share of centralised's final accuracy
+GAP_POINTS, FLOWER_SHARE = 2.0, 0.8  # the default's targets: gap to centralised, rounds vs Flower FedAvg's
 COLUMNS = ("dataset", "system", "seed_count", "accuracy", "accuracy_sd", "gap_to_centralised",
-           "rounds_to_target", "loss", "accuracy_by_round")
+           "rounds_to_target", "loss", "accuracy_by_round", "targets")
 
 
 def system_options(system: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -145,22 +146,73 @@ def row(args: argparse.Namespace, dataset: str, system: str) -> dict[str, Any] |
     return {"dataset": dataset, "system": system, "seed_count": len(runs), "accuracy": mean["accuracy"][-1],
             "accuracy_sd": statistics.stdev(finals) if len(finals) > 1 else None,
             "seeds": list(runs), "accuracy_per_seed": finals, "loss": mean["loss"][-1],
+            "curve_per_seed": [[r["accuracy"] for r in run] for run in runs.values()],
             "curve": mean["accuracy"], "loss_curve": mean["loss"],
             "accuracy_by_round": " ".join(f"{a:.2f}" for a in mean["accuracy"]),
             "minutes": (time.perf_counter() - started) / 60}
 
 
+def _ceiling(rows: list[dict[str, Any]]) -> dict[tuple[str, int], float]:
+    """Centralised's final accuracy per (dataset, seed)."""
+    return {(r["dataset"], seed): final for r in rows if r["system"] == "centralised"
+            for seed, final in zip(r["seeds"], r["accuracy_per_seed"], strict=True)}
+
+
+def _top(ceiling: dict[tuple[str, int], float], dataset: str, seeds: list[int]) -> float | None:
+    tops = [ceiling.get((dataset, seed)) for seed in seeds]
+    return None if not tops or None in tops else statistics.fmean(tops)
+
+
+def _rounds_to(curve: list[float], top: float | None) -> int | None:
+    reached = [i for i, a in enumerate(curve) if i and top is not None and a >= TARGET * top]
+    return reached[0] if reached else None
+
+
 def compare(rows: list[dict[str, Any]]) -> None:
     """``gap_to_centralised`` and ``rounds_to_target`` against the centralised runs of the dataset
-    on the row's own seeds (a row of fewer seeds is not compared with other seeds' ceiling)."""
-    ceiling = {(r["dataset"], seed): final for r in rows if r["system"] == "centralised"
-               for seed, final in zip(r["seeds"], r["accuracy_per_seed"], strict=True)}
+    on the row's own seeds (a row of fewer seeds is not compared with other seeds' ceiling); then
+    the issue's ``targets`` for the ``default`` rows (:func:`targets`)."""
+    ceiling = _ceiling(rows)
     for r in rows:
-        tops = [ceiling.get((r["dataset"], seed)) for seed in r["seeds"]]
-        top = None if None in tops else statistics.fmean(tops)
+        top = _top(ceiling, r["dataset"], r["seeds"])
         r["gap_to_centralised"] = None if top is None else r["accuracy"] - top
-        reached = [i for i, a in enumerate(r["curve"]) if i and top is not None and a >= TARGET * top]
-        r["rounds_to_target"] = reached[0] if reached else None
+        r["rounds_to_target"] = _rounds_to(r["curve"], top)
+        r["targets"] = ""
+    for r in rows:
+        if r["system"] == "default":
+            r["targets"] = targets(r, rows, ceiling)
+
+
+def targets(default: dict[str, Any], rows: list[dict[str, Any]],
+            ceiling: dict[tuple[str, int], float]) -> str:
+    """The issue's targets for the new default on one dataset: within ``GAP_POINTS`` of centralised
+    after the last round, and rounds to target at most ``FLOWER_SHARE`` x plain Flower FedAvg's,
+    both judged on the seeds the compared runs share (a missing comparison says so)."""
+    dataset = default["dataset"]
+    gap = default["gap_to_centralised"]
+    parts = ["gap: no centralised run" if gap is None else
+             f"gap {100 * gap:+.1f} points ({'met' if gap >= -GAP_POINTS / 100 else 'missed'})"]
+    flower = next((r for r in rows if (r["dataset"], r["system"]) == (dataset, "flower-fedavg")), None)
+    seeds = [s for s in default["seeds"] if flower is not None and s in flower["seeds"]]
+    top = _top(ceiling, dataset, seeds)
+    if top is None:
+        return "; ".join([*parts, "rounds: no flower-fedavg and centralised run on its seeds"])
+    mine, theirs = (_rounds_to(_mean_curve(r, seeds), top) for r in (default, flower))
+    on = f"seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))}"
+    if mine is None:
+        parts.append(f"rounds: not at target on {on} (missed)")
+    elif theirs is None:
+        parts.append(f"rounds {mine} vs flower-fedavg never in {len(flower['curve']) - 1} on {on} (met)")
+    else:
+        parts.append(f"rounds {mine} vs flower-fedavg {theirs} on {on}: {mine / theirs:.2f}x "
+                     f"({'met' if mine <= FLOWER_SHARE * theirs else 'missed'})")
+    return "; ".join(parts)
+
+
+def _mean_curve(row: dict[str, Any], seeds: list[int]) -> list[float]:
+    """The row's accuracy curve, mean over ``seeds`` only."""
+    curves = [row["curve_per_seed"][row["seeds"].index(seed)] for seed in seeds]
+    return [statistics.fmean(c) for c in zip(*curves, strict=True)]
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -247,12 +299,12 @@ def main() -> None:
     compare(rows)
     harness.finish(args, NAME, rows, title="Convergence under label skew: server optimizers, client "
                    "optimizer state, LR schedules", columns=COLUMNS, table_title="convergence",
-                   left=("dataset", "system", "accuracy_by_round"), plot=plot,
+                   left=("dataset", "system", "accuracy_by_round", "targets"), plot=plot,
                    notes=lambda png: notes(args, rows, png),
                    extra={"curves": {f"{r['dataset']}/{r['system']}": {"accuracy": r["curve"],
                                                                       "loss": r["loss_curve"]}
                                      for r in rows}},
-                   private=("curve", "loss_curve", "minutes"))
+                   private=("curve", "loss_curve", "curve_per_seed", "minutes"))
 
 
 if __name__ == "__main__":
