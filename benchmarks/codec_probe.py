@@ -148,12 +148,14 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
 
 
 def notes(args: argparse.Namespace, rows: list[dict[str, Any]], png: Path) -> str:
-    return (f"![round-1 probe]({png.name})\n\nRound 1 of the codec benchmark's runs ({args.clients} "
+    return (f"Round 1 of the codec benchmark's runs ({args.clients} "
             f"clients x {args.max_train_examples}, Dirichlet 0.5, recipe `{args.recipe}`: "
             f"{codec.RECIPES[args.recipe]}), "
             "replayed under each setting (`UP/DOWN/HEAD`): accuracy after round 1 on the run's "
-            f"{args.test_examples} test examples, mean over seeds; vs_fp32 in points; bytes per client that "
-            "round. No error feedback is involved (round 1 starts every residual at zero).")
+            f"{args.test_examples} test examples, mean over seeds; vs_fp32 in points; bytes_up = a client's "
+            "round-1 update, bytes_down = the round-1 increment the server sends next (a run's round-1 "
+            "downlink is the seeded start). No error feedback is involved (round 1 starts every "
+            f"residual at zero). Plot: `benchmarks/results/{png.name}`.")
 
 
 def main() -> None:
