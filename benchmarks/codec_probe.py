@@ -94,11 +94,12 @@ def replay(round_one: RoundOne, config: RunConfig) -> dict[str, Any]:
     part = aggregator_cls.client_part(config.aggregator_option_map, {}, {})
     model = round_one.model
     aggregator.begin(1, round_one.initial)
+    uplink, received = uplink_codec(config), aggregator.uplink_spec(model)
     sizes = []
     for pid, update, examples in round_one.updates:
-        payload = encode(Delta(DeltaHeader(round=1), update), uplink_codec(config))
+        payload = encode(Delta(DeltaHeader(round=1), update), uplink)
         sizes.append(len(payload))
-        decoded = decode(payload, aggregator.uplink_spec(model)).tensors
+        decoded = decode(payload, received).tensors
         aggregator.accumulate(ClientUpdate(pid, decoded, examples, config.global_rank, config.lora_alpha))
     increment = server_optimizer(config).step(aggregator.finalize())
     down = encode(Delta(DeltaHeader(round=1), aggregator.pack_downlink(increment, latest_round=True)),

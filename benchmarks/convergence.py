@@ -164,8 +164,10 @@ def _top(ceiling: dict[tuple[str, int], float], dataset: str, seeds: list[int]) 
 
 
 def _rounds_to(curve: list[float], top: float | None) -> int | None:
-    reached = [i for i, a in enumerate(curve) if i and top is not None and a >= TARGET * top]
-    return reached[0] if reached else None
+    """The first round (after round 0) at ``TARGET`` x ``top``; None if none or no ``top``."""
+    if top is None:
+        return None
+    return next((i for i, a in enumerate(curve) if i and a >= TARGET * top), None)
 
 
 def compare(rows: list[dict[str, Any]]) -> None:
