@@ -319,15 +319,21 @@ def test_a_million_floats_encode_and_decode_fast():
         assert time.process_time() - start < 0.5, encoding
 
 
-def test_sign_scales_each_rank_component_by_its_mean_magnitude():
+def test_sign_keeps_each_rank_components_projection_on_itself():
     """``sign``: one bit per element, one scale per slice along the shorter side (rows of a
-    LoRA A or a head, columns of a LoRA B), and that scale is the group's mean |x|."""
+    LoRA A or a head, columns of a LoRA B), and that scale is sum x^2 / sum |x|, so each decoded
+    slice has the same inner product with the slice as the slice with itself (no shrinkage:
+    the mean-|x| scale kept about 2/pi of it on Gaussian updates)."""
     gen = torch.Generator().manual_seed(4)
     a = torch.randn(4, 64, generator=gen) * torch.tensor([[1.0], [0.1], [0.01], [10.0]])
     b = torch.randn(64, 4, generator=gen) * torch.tensor([[2.0, 0.2, 0.02, 20.0]])
     out = roundtrip({"a": a, "b": b}, CodecSpec("sign")).tensors
-    assert torch.allclose(out["a"], torch.sign(a) * a.abs().mean(1, keepdim=True))
-    assert torch.allclose(out["b"], torch.sign(b) * b.abs().mean(0, keepdim=True))
+    a64, b64 = a.double(), b.double()
+    assert torch.allclose(out["a"], torch.sign(a) * ((a64**2).sum(1, keepdim=True) / a64.abs().sum(1, keepdim=True)).float())
+    assert torch.allclose(out["b"], torch.sign(b) * ((b64**2).sum(0, keepdim=True) / b64.abs().sum(0, keepdim=True)).float())
+    assert torch.allclose((out["a"] * a).sum(1), (a * a).sum(1), rtol=1e-5)
+    assert torch.allclose((out["b"] * b).sum(0), (b * b).sum(0), rtol=1e-5)
+    assert ((out["a"] * a).sum(1) / (torch.sign(a) * a.abs().mean(1, keepdim=True) * a).sum(1) > 1.2).all()
     # 1 bit per element and 4 bytes per scale, before the frame's few dozen bytes
     assert len(encode(Delta(DeltaHeader(), {"a": a, "b": b}), CodecSpec("sign"))) < 2 * 256 // 8 + 8 * 4 + 120
 

@@ -2,7 +2,7 @@
 
 Dense encodings carry every element (fp32 bit-exact, fp16/bf16 rounded to nearest even,
 int8 with an absmax scale per tensor or per row, int4 with one per row, sign: one bit per
-element and a mean-|x| scale per slice, see :func:`sign_groups`). Sparse ``topk-*`` encodings carry only
+element and a scale per slice that keeps its projection, see :func:`sign_groups`). Sparse ``topk-*`` encodings carry only
 the kept elements chosen by :mod:`pollinate.codec.topk`: ternary (sign bits and one
 scale, ComPEFT style) or int8. Everything works on flat little-endian numpy arrays; the
 decoders assume their input sizes were already checked by :mod:`pollinate.codec.delta`.
@@ -227,10 +227,26 @@ def _grouped(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _pack_sign(x: np.ndarray, shape: tuple[int, ...]) -> tuple[bytes, list[float]]:
-    """Sign bits (1 = negative) in element order and each group's mean |x|: the scale that
-    minimises the squared error of ``sign(x) * scale`` (scaled signSGD / EF-signSGD)."""
-    scales = np.abs(_grouped(x, shape)).astype(np.float64).mean(axis=1) if x.size else np.zeros(1)
-    return np.packbits(x < 0).tobytes(), scales.astype(np.float32).tolist()
+    """Sign bits (1 = negative) in element order and each group's sum x^2 / sum |x|.
+
+    That scale keeps the group's projection on itself: ``<sign(x) * scale, x> = |x|^2``, so
+    the decoded update is as long along ``x`` as ``x`` is. The least-squares scale (mean |x|,
+    EF-signSGD's) shrinks every update to about 2/pi of that on each side, and a federation
+    then steps short every round (issue 23: round 1 lost 5.5 and 11.6 points with it, 1.3 and
+    0.4 with this one); the larger error it leaves is what error feedback sends next round.
+    """
+    if not x.size:
+        return b"", [0.0]
+    return np.packbits(x < 0).tobytes(), _sign_scales(np.abs(_grouped(x, shape))).tolist()
+
+
+def _sign_scales(magnitude: np.ndarray) -> np.ndarray:
+    """``sign``'s scale of each row of ``magnitude`` (|x| as (groups, members)): sum x^2 / sum |x|,
+    a mean of |x| weighted by |x|, so it lies between the row's mean and max |x|."""
+    wide = magnitude.astype(np.float64)
+    mass = wide.sum(axis=1)
+    energy = (wide * wide).sum(axis=1)
+    return np.divide(energy, mass, out=np.zeros_like(mass), where=mass > 0).astype(np.float32)
 
 
 def _unpack_sign(values: bytes, scales: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -343,11 +359,11 @@ def encoded_error_bound(tensor: torch.Tensor, encoding: str) -> float:
     shape = tuple(tensor.shape)
     if encoding == "sign2":  # either level lies in [0, absmax] on the element's side of the threshold
         return absmax * (1 + 2.0**-22)
-    if encoding == "sign":  # |x - sign(x) * s| <= max(absmax - s, s) in each group, s = mean |x|
+    if encoding == "sign":  # |x - sign(x) * s| <= max(absmax - s, s) in each group, 0 <= s <= absmax
         if not x.size:
             return 0.0
         groups = np.abs(_grouped(x, shape))
-        scale = groups.mean(axis=1)
+        scale = _sign_scales(groups)
         return float(np.maximum(groups.max(axis=1) - scale, scale).max()) + absmax * 2.0**-22
     rows = shape[0] if encoding in ("int8-row", "int4-row") and len(shape) == 2 else 1
     top = INT4_MAX if encoding == "int4-row" else 127
